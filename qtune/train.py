@@ -1,0 +1,75 @@
+"""The only module that builds trl / transformers trainers and their arguments.
+
+Upstream renames (trl 1 and transformers 5 moved several arguments) are absorbed here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from qtune.config import RunConfig
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
+
+
+def sft_args(cfg: RunConfig, work_dir: Path):
+    """trl.SFTConfig for a qtune RunConfig (checkpoints off: qtune writes the adapter itself)."""
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=OPTIMIZERS[t.optim],
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        bf16=cfg.model.dtype == "bf16",
+        fp16=cfg.model.dtype == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # Checkpointing is switched on when the base is loaded (non-reentrant), not here.
+        activation_checkpointing=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # Data arrive tokenized with labels already masked and truncated by qtune.data.
+        max_length=None,
+        packing=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, work_dir: Path, callbacks=None):
+    """An SFTTrainer over pre-tokenized (input_ids, labels) data."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=sft_args(cfg, work_dir),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def planned_steps(cfg: RunConfig, n_examples: int) -> int:
+    """Optimizer steps the run will take (single process)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    per_epoch = math.ceil(n_examples / cfg.train.batch_size / cfg.train.grad_accum)
+    return max(1, math.ceil(per_epoch * cfg.train.epochs))

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny tokenizers and tiny random Llama models built from config, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama-2 style: the template writes BOS itself, and the tokenizer also adds BOS to plain text.
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + "
+    "' [/INST]' }}{% elif message['role'] == 'system' %}{{ '<<SYS>>' + message['content'] + '<</SYS>>' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+# A template that never writes EOS after a reply.
+NO_EOS_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "a dull and boring film with terrible acting",
+    "review positive negative answer with one word",
+    "hello how are you today i am fine thank you",
+    "what is two plus two the answer is four",
+    "Is this movie review positive or negative?",
+] * 5
+
+
+def make_tokenizer(template: str = CHATML, add_bos: bool = False):
+    """A tiny byte-level BPE tokenizer (a few hundred tokens) with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    eos = "</s>" if template == BOS_TEMPLATE else "<|im_end|>"
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = template
+    return fast
+
+
+def make_model_folder(path: Path, tokenizer, seed: int = 0) -> Path:
+    """Save a tiny random Llama (2 layers, hidden 64) with `tokenizer` as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    return make_tokenizer(CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("tiny-llama"), chatml_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Fingerprint caches and converted models go to a per-test folder, except the embedded model's."""
+    monkeypatch.setenv("QTUNE_HOME", os.environ.get("QTUNE_TEST_HOME", str(tmp_path / "qtune-home")))

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from qtune.config import ConfigError, RunConfig, from_dict, load_config, parse_overrides, to_dict
+
+CONFIGS = sorted((Path(__file__).parent.parent / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_qlora_nf4_all_linear():
+    cfg = RunConfig()
+    assert cfg.quant.method == "nf4" and cfg.quant.double_quant
+    assert cfg.lora.targets == "all-linear"
+    assert cfg.model.name == "smollm2-135m"
+
+
+def test_yaml_and_typed_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: some/model\ntrain:\n  lr: 1.0e-4\n  batch_size: 4\n")
+    cfg = load_config(
+        path,
+        [
+            "train.lr=5e-5",
+            "lora.targets=[q_proj,v_proj]",
+            "quant.method=int8",
+            "train.gradient_checkpointing=on",
+            "model.revision=null",
+        ],
+    )
+    assert cfg.model.name == "some/model"
+    assert cfg.train.lr == pytest.approx(5e-5)  # "5e-5" is a string to YAML 1.1; coerced by the field type
+    assert cfg.train.batch_size == 4
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.quant.method == "int8"
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.output.name == "run"  # defaults to the config file's stem
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key `train.lrr`; did you mean `train.lr`?"),
+        ("trian.lr=1", "unknown config key `trian`; did you mean `train`?"),
+        ("lora.rank=8", "did you mean `lora.r`?"),
+        ("data.max_len=8", "did you mean `data.max_length`?"),
+        ("quant.method=nf5", "`quant.method` must be one of nf4, fp4, int8, none; got 'nf5'"),
+        ("lora.r=abc", "`lora.r` must be an integer; got 'abc'"),
+        ("train.batch_size=0", "train.batch_size must be positive"),
+        ("lora.r=0", "lora.r must be a positive integer"),
+        ("train.gradient_checkpointing=maybe", "`train.gradient_checkpointing` must be true or false"),
+        ("train.lr", "not of the form key=value"),
+        ("model.name.x=1", "`model.name` must be a string"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("train:\n  epochz: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key `train.epochz`; did you mean `train.epochs`"):
+        load_config(path)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["lora.r=4", "data.system_prompt=Be brief."])
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse_and_say_how_to_run(path):
+    cfg = load_config(path)
+    assert cfg.recipe
+    head = path.read_text().splitlines()[:3]
+    assert any(line.startswith("#") and f"qtune train recipes/configs/{path.name}" in line for line in head)
+
+
+def test_there_is_a_shipped_config():
+    assert CONFIGS

@@ -1,0 +1,183 @@
+"""A few real training steps on a tiny random Llama: nf4, int8 and 16-bit; the adapter folder contract."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qtune.config import load_config
+from qtune.data import DataConfig, load_examples
+from qtune.lora import AdapterError, load_adapter, read_meta
+from recipes import sft
+
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"review {i}: the movie was {w}"},
+            {"role": "assistant", "content": "positive" if w == "great" else "negative"},
+        ]
+    }
+    for i, w in enumerate(["great", "boring", "great", "terrible", "great", "dull", "wonderful", "boring"])
+]
+
+
+@pytest.fixture()
+def run_cfg(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def make(*overrides):
+        return load_config(
+            None,
+            [
+                f"model.name={tiny_model_dir}",
+                "model.dtype=fp32",
+                f"data.train={data}",
+                f"data.eval={data}",
+                "train.max_steps=3",
+                "train.batch_size=4",
+                "train.lr=1e-2",
+                "train.logging_steps=1",
+                "lora.r=4",
+                "eval.max_new_tokens=3",
+                f"output.dir={tmp_path / 'adapters'}",
+                "output.name=run",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def base_weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def lora_logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
+def test_training_changes_lora_only_and_reloads_identically(run_cfg, tiny_model_dir, tmp_path, quant):
+    before = base_weights(tiny_model_dir)
+    out = sft.main(run_cfg(f"quant.method={quant}"))
+
+    # The contract: plain PEFT files + qtune.json + loss curve, and nothing else half-written beside it.
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "qtune.json", "loss.png"} <= files
+    assert [p.name for p in out.parent.iterdir()] == ["run"]
+    meta = read_meta(out)
+    assert meta["config"]["quant"]["method"] == quant
+    assert meta["base"]["fingerprint"].startswith("sha256:")
+    assert meta["training"]["steps"] == 3 and meta["training"]["loss_curve"]
+    assert meta["data"]["train"]["examples"] == len(ROWS)
+    assert {"loss", "perplexity", "accuracy"} <= set(meta["metrics"])
+    assert meta["versions"]["peft"]
+
+    # Base weights on disk are untouched; LoRA B matrices (initialised to zero) have moved.
+    after = base_weights(tiny_model_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    assert not any("base_layer" in k for k in adapter)  # only adapter tensors are saved
+
+    # Reload through qtune and through plain PEFT (no qtune involved): identical logits.
+    model, tokenizer, _, _ = load_adapter(out)
+    input_ids = torch.tensor([tokenizer("the movie was great")["input_ids"]])
+    via_qtune = lora_logits(model, input_ids)
+    base_only, *_ = load_adapter(out, base_only=True)
+    assert not torch.allclose(via_qtune, lora_logits(base_only, input_ids))  # the adapter does something
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qconfig = {
+        "nf4": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "none": None,
+    }[quant]
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=qconfig, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(plain, str(out)).eval()
+    torch.testing.assert_close(lora_logits(plain, input_ids), via_qtune, rtol=0, atol=0)
+
+
+def test_existing_output_is_refused_before_training(run_cfg):
+    cfg = run_cfg("quant.method=none")
+    (cfg_out := sft.lora.output_dir(cfg)).mkdir(parents=True)
+    with pytest.raises(AdapterError, match="already exists"):
+        sft.main(cfg)
+    assert list(cfg_out.iterdir()) == []
+
+
+def test_bad_data_fails_before_anything_is_written(run_cfg, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + '{"messages": []}\n')
+    with pytest.raises(Exception, match=r"row 2: field `messages` must be a non-empty list"):
+        sft.main(run_cfg("quant.method=none", f"data.train={bad}"))
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+
+
+def test_crash_during_save_leaves_no_adapter_folder(run_cfg, tmp_path, monkeypatch):
+    from qtune import report
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "loss_curve_png", boom)
+    with pytest.raises(OSError, match="No space left"):
+        sft.main(run_cfg("quant.method=none"))
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+
+
+def test_full_disk_during_save_keeps_the_previous_adapter(run_cfg, tmp_path, monkeypatch):
+    out = sft.main(run_cfg("quant.method=none"))
+    previous = (out / "adapter_model.safetensors").read_bytes()
+    import peft.peft_model
+
+    def full_disk(tensors, filename, metadata=None):  # writes a few bytes, then the disk is full
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    with pytest.raises(OSError):
+        sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.seed=7"))
+    assert (out / "adapter_model.safetensors").read_bytes() == previous
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
+
+
+def test_adapter_refuses_a_different_base(run_cfg, tmp_path, tiny_model_dir):
+    out = sft.main(run_cfg("quant.method=none"))
+    # Change one weight of the base on disk: the fingerprint no longer matches.
+    from safetensors.torch import save_file
+
+    weights = base_weights(tiny_model_dir)
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1
+    save_file(weights, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        with pytest.raises(AdapterError, match="refusing to load onto a different base"):
+            load_adapter(out)
+    finally:
+        weights[key] = weights[key] - 1
+        save_file(weights, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_loss_only_on_answers_reaches_the_trainer(run_cfg, tiny_model_dir):
+    from qtune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    cfg = run_cfg()
+    examples, _ = load_examples(cfg.data.train, tok, DataConfig())
+    trained = sum(lab != -100 for e in examples for lab in e.labels)
+    assert trained == sum(
+        len(tok(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) + 1 for r in ROWS
+    )
