@@ -47,7 +47,7 @@ class QuantConfig:
 class LoraConfig:
     r: int = _help("LoRA rank.", 16)
     alpha: float = _help("LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).", 32.0)
-    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    dropout: float = _help("Dropout on the LoRA input; 0 skips it (it cost 13% of a CPU step when on).", 0.0)
     targets: str | list[str] = _help("'all-linear' or a list of module names to adapt.", "all-linear")
     rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", False)
     dora: bool = _help("Weight-decomposed LoRA (DoRA); slower per step.", False)
@@ -253,16 +253,22 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn `["train.lr=1e-4", "lora.targets=[q_proj,v_proj]"]` into a nested dict."""
+    """Turn `["train.lr=1e-4", "lora.targets=[q_proj,v_proj]"]` into a nested dict.
+
+    Values stay text (the field's type converts them), except YAML lists and mappings, so a
+    prompt such as `data.system_prompt=Answer: yes or no.` is taken as typed.
+    """
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value: Any = raw
+        if raw.strip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ConfigError(f"override `{item}`: not a valid YAML list or mapping") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 

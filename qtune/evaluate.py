@@ -84,32 +84,32 @@ def contains_answer(output: str, answer: str) -> bool:
 def evaluate_loss(
     model, examples: list[Example], pad_id: int, batch_size: int = 16, progress: str | None = None
 ) -> dict[str, float]:
-    """Mean cross-entropy over trained tokens (labels != -100), and its perplexity."""
+    """Mean cross-entropy over trained tokens (labels != -100), and its perplexity.
+
+    Rows are left-padded, so the trained tokens of every row sit in the last K positions, and only
+    those K positions go through the LM head (`logits_to_keep`): for short answers after long
+    prompts that skips most of the (tokens x vocabulary) logits.
+    """
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    device = _device(model)
     for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        width = max(len(examples[i].input_ids) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(examples[i].input_ids)
-            ids[row, :n] = torch.tensor(examples[i].input_ids)
-            labels[row, :n] = torch.tensor(examples[i].labels)
-            mask[row, :n] = 1
-        device = _device(model)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        rows = [examples[i] for i in batch]
+        ids, mask = _left_pad([e.input_ids for e in rows], pad_id, device)
+        labels, _ = _left_pad([e.labels for e in rows], IGNORE, device)
+        first = [next((j for j, lab in enumerate(e.labels) if lab != IGNORE), len(e.labels)) for e in rows]
+        keep = max(len(e.labels) - f for e, f in zip(rows, first)) + 1  # +1: the position predicting the first one
+        keep = min(keep, ids.shape[1])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logits, targets = logits[:, :-1].float(), labels[:, ids.shape[1] - keep + 1 :]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
         total += loss.item()
-        count += int((shift_labels != IGNORE).sum())
+        count += int((targets != IGNORE).sum())
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 QUESTION = "Review: {text}\nIs this movie review positive or negative?"
-SYSTEM_PROMPT = "You classify the sentiment of movie reviews. Answer with one word: positive or negative."
 
 
 def read_snippets(sdist: Path, name: str = "movieReviewSnippets_GroundTruth.txt") -> list[tuple[str, float, str]]:

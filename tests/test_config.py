@@ -73,8 +73,14 @@ def test_round_trip_through_dict():
     assert from_dict(to_dict(cfg)) == cfg
 
 
-def test_parse_overrides_nests():
-    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+def test_parse_overrides_nests_and_keeps_text_as_typed():
+    assert parse_overrides(["a.b=1", "a.c=x", "a.d=[1, 2]"]) == {"a": {"b": "1", "c": "x", "d": [1, 2]}}
+    cfg = load_config(
+        None,
+        ["data.system_prompt=Answer with one word: yes or no.", "train.epochs=2", "output.name=null", "eval.limit=5"],
+    )
+    assert cfg.data.system_prompt == "Answer with one word: yes or no."
+    assert cfg.train.epochs == 2.0 and cfg.output.name is None and cfg.eval.limit == 5
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

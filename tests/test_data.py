@@ -1,10 +1,10 @@
 import json
 
 import pytest
-from conftest import BOS_TEMPLATE, NO_EOS_TEMPLATE, make_tokenizer
 
 from qtune.config import DataConfig
 from qtune.data import IGNORE, DataError, encode, load_examples
+from tests.conftest import BOS_TEMPLATE, NO_EOS_TEMPLATE, make_tokenizer
 
 CHAT = {
     "messages": [

@@ -1,0 +1,90 @@
+"""The command line as a user runs it: train (built-in and copied recipe), cp, generate, eval, errors."""
+
+import json
+
+import pytest
+
+from qtune.cli import main
+from tests.test_train import ROWS
+
+
+@pytest.fixture()
+def workspace(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "run.yaml").write_text(
+        f"# qtune train run.yaml\nmodel:\n  name: {tiny_model_dir}\n  dtype: fp32\nquant:\n  method: none\n"
+        "data:\n  train: train.jsonl\ntrain:\n  max_steps: 2\n  batch_size: 4\n  lr: 1.0e-2\n"
+    )
+    return tmp_path
+
+
+def test_train_generate_eval(workspace, capsys):
+    main(["train", "run.yaml", "lora.r=2"])
+    adapter = workspace / "adapters" / "run"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+
+    main(["generate", str(adapter), "--prompt", "the movie was great", "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    from qtune.evaluate import generate
+    from qtune.lora import load_adapter
+
+    model, tokenizer, cfg, _ = load_adapter(adapter)
+    assert printed == generate(model, tokenizer, "the movie was great", cfg.data.system_prompt, 4) + "\n"
+    main(["eval", str(adapter), "--data", "train.jsonl"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["adapter"] == str(adapter)
+    assert result["examples"] == len(ROWS) and result["answered"] == len(ROWS)
+    assert {"loss", "perplexity", "accuracy", "contains_accuracy"} <= set(result)
+    main(["eval", str(adapter), "--data", "train.jsonl", "--base-only", "--limit", "3"])
+    base = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert base["adapter"] is None and base["examples"] == 3
+    assert base["loss"] != result["loss"]
+
+
+def test_cp_then_train_with_the_copied_recipe(workspace, capsys):
+    main(["cp", "sft", "my_sft.py"])
+    recipe = workspace / "my_sft.py"
+    text = recipe.read_text()
+    assert "def main(cfg: RunConfig)" in text
+    # A user's edit: mark the run, to prove the copy (not the built-in) ran.
+    recipe.write_text(
+        text.replace("    out_dir = lora.output_dir(cfg)", '    print("MY RECIPE")\n    out_dir = lora.output_dir(cfg)')
+    )
+    main(["train", "run.yaml", "recipe=my_sft.py", "output.name=mine"])
+    assert "MY RECIPE" in capsys.readouterr().out
+    assert (workspace / "adapters" / "mine" / "qtune.json").is_file()
+    with pytest.raises(SystemExit, match="exists"):
+        main(["cp", "sft", "my_sft.py"])
+
+
+def test_cp_a_config(workspace):
+    main(["cp", "smollm2_sentiment.yaml", "."])
+    assert (workspace / "smollm2_sentiment.yaml").read_text().startswith("# ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "run.yaml", "train.lrr=1"], "did you mean `train.lr`?"),
+        (["train", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["train", "run.yaml", "data.train=nope.jsonl"], "nope.jsonl: no such file or folder"),
+        (["train", "run.yaml", "model.name=./no/such/model"], "model.name"),
+        (["train", "run.yaml", "lora.targets=[not_a_module]"], "lora.targets"),
+        (["generate", "adapters/none", "--prompt", "x"], "adapters/none: no such adapter folder"),
+    ],
+)
+def test_errors_exit_2_with_one_clear_line(workspace, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars share stderr
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert message in line
+    assert not (workspace / "adapters").exists() or not any((workspace / "adapters").iterdir())
+
+
+def test_unknown_recipe(workspace):
+    with pytest.raises(SystemExit, match="neither a built-in"):
+        main(["train", "run.yaml", "recipe=nope"])
