@@ -206,20 +206,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"`{key}` must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"`{key}` must be an integer; got {value!r}")
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
+        accepted = (int, str) if tp is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"`{key}` must be {what}; got {value!r}")
         try:
-            return int(value)
+            return tp(value)
         except ValueError:
-            raise ConfigError(f"`{key}` must be an integer; got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"`{key}` must be a number; got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"`{key}` must be a number; got {value!r}") from None
+            raise ConfigError(f"`{key}` must be {what}; got {value!r}") from None
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"`{key}` must be a string; got {value!r}")

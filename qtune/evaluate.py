@@ -125,22 +125,24 @@ def answer_accuracy(
     """Accuracy of greedy answers against the references.
 
     `accuracy` is exact match after normalize_answer; `contains_accuracy` is the lenient reading a
-    human would apply to a chatty base ("The review is positive" counts for "positive").
+    human would apply to a chatty base ("The review is positive" counts for "positive", unless it
+    also names another of the data's answers).
     """
     scored = [e for e in examples if e.prompt_ids is not None and e.answer is not None]
     if not scored:
         return {}, []
     outputs = generate_ids(model, tokenizer, [e.prompt_ids for e in scored], max_new_tokens, batch_size, progress)
-    samples = [
-        {
-            "row": e.row,
-            "answer": e.answer,
-            "output": o,
-            "correct": normalize_answer(o) == normalize_answer(e.answer),
-            "contains": contains_answer(o, e.answer),
-        }
-        for e, o in zip(scored, outputs)
-    ]
+    # With a small label set (classification-like answers), a lenient match must not name a rival label too:
+    # "positive, not negative" is no answer.
+    labels = {normalize_answer(e.answer) for e in scored}
+    rivals = labels if len(labels) <= 20 else set()
+    samples = []
+    for e, o in zip(scored, outputs):
+        ref = normalize_answer(e.answer)
+        contains = contains_answer(o, e.answer) and not any(contains_answer(o, r) for r in rivals - {ref})
+        samples.append(
+            {"row": e.row, "answer": e.answer, "output": o, "correct": normalize_answer(o) == ref, "contains": contains}
+        )
     n = len(samples)
     return {
         "accuracy": sum(s["correct"] for s in samples) / n,

@@ -88,3 +88,23 @@ def test_errors_exit_2_with_one_clear_line(workspace, capsys, argv, message):
 def test_unknown_recipe(workspace):
     with pytest.raises(SystemExit, match="neither a built-in"):
         main(["train", "run.yaml", "recipe=nope"])
+
+
+def test_train_accepts_a_recipe_file_before_the_config(workspace, capsys):
+    main(["cp", "sft", "mine.py"])
+    recipe = workspace / "mine.py"
+    recipe.write_text(
+        recipe.read_text().replace("    set_seed(cfg.train.seed)", '    print("MINE")\n    set_seed(cfg.train.seed)')
+    )
+    main(["train", "mine.py", "run.yaml", "output.name=via-file"])
+    assert "MINE" in capsys.readouterr().out
+    assert (workspace / "adapters" / "via-file" / "adapter_model.safetensors").is_file()
+
+
+def test_hub_id_without_network_is_a_clear_error(workspace, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(workspace / "hf-home"))  # an empty hub cache
+    with pytest.raises(SystemExit):
+        main(["train", "run.yaml", "model.name=someone/not-cached"])
+    err = capsys.readouterr().err
+    assert "error: model.name: could not get 'someone/not-cached' from the hub" in err

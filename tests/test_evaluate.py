@@ -57,6 +57,10 @@ def test_answer_accuracy_counts_exact_and_contained(model_and_tokenizer, monkeyp
     metrics, samples = answer_accuracy(model, tok, examples)
     assert metrics == {"accuracy": pytest.approx(1 / 3), "contains_accuracy": pytest.approx(2 / 3), "answered": 3}
     assert [s["correct"] for s in samples] == [True, False, False]
+    # Naming a rival answer too is not a lenient match.
+    monkeypatch.setattr(ev, "generate_ids", lambda *a, **k: ["positive, not four", "negative answer", "four"])
+    metrics, samples = answer_accuracy(model, tok, examples)
+    assert [s["contains"] for s in samples] == [False, True, True]
 
 
 @pytest.mark.parametrize(
