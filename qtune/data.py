@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from qtune.config import DataConfig
 
 IGNORE = -100
@@ -407,7 +409,10 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Ex
     _raise_all(file, errors)
 
     examples = []
-    for row, norm in normalised:
+    # A bar only where it takes a while: ~3 s per 10k short chat records on two CPU cores.
+    for row, norm in tqdm(
+        normalised, desc=f"tokenizing {Path(file).name}", disable=len(normalised) < 20000, leave=False
+    ):
         try:
             ex = encode(tokenizer, norm, cfg.loss_on)
         except DataError as e:

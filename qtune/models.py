@@ -168,14 +168,11 @@ def load_base(
         if qconfig is not None:
             from peft import prepare_model_for_kbit_training
 
-            base = prepare_model_for_kbit_training(
-                base,
-                use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
-        elif gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.enable_input_require_grads()
+            # Freezes the base and upcasts its non-quantized parameters (norms, embeddings) to fp32.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        if gradient_checkpointing:
+            # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and is the faster variant.
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     return base
 

@@ -181,3 +181,31 @@ def test_loss_only_on_answers_reaches_the_trainer(run_cfg, tiny_model_dir):
     assert trained == sum(
         len(tok(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) + 1 for r in ROWS
     )
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_gradient_checkpointing_trains_the_same(run_cfg, quant):
+    # FIELD #11: checkpointing with PEFT must not fail with "element 0 of tensors does not require grad",
+    # and (non-reentrant, no dropout) must not change what is learned.
+    plain = read_meta(sft.main(run_cfg(f"quant.method={quant}", "output.name=plain")))
+    ckpt = read_meta(
+        sft.main(run_cfg(f"quant.method={quant}", "output.name=ckpt", "train.gradient_checkpointing=true"))
+    )
+    assert ckpt["config"]["train"]["gradient_checkpointing"] is True
+    losses = [loss for _, loss in plain["training"]["loss_curve"]]
+    assert [loss for _, loss in ckpt["training"]["loss_curve"]] == pytest.approx(losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_load_base_for_training_switches_checkpointing_and_freezes(tiny_model_dir, quant):
+    from qtune.config import ModelConfig, QuantConfig
+    from qtune.lora import attach_lora
+    from qtune.models import load_base
+
+    model = load_base(
+        tiny_model_dir, ModelConfig(dtype="fp32"), QuantConfig(method=quant), training=True, gradient_checkpointing=True
+    )
+    assert model.is_activation_checkpointing and model.config.use_cache is False
+    peft_model = attach_lora(model, load_config(None, ["lora.r=2"]).lora)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
