@@ -209,3 +209,14 @@ def test_load_base_for_training_switches_checkpointing_and_freezes(tiny_model_di
     peft_model = attach_lora(model, load_config(None, ["lora.r=2"]).lora)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("switch", ["lora.dora=true", "lora.rslora=true"])
+def test_dora_and_rslora_switches_reach_the_adapter_config(run_cfg, switch):
+    out = sft.main(run_cfg("quant.method=none", switch))
+    config = json.loads((out / "adapter_config.json").read_text())
+    key = "use_dora" if "dora" in switch else "use_rslora"
+    assert config[key] is True
+    assert config["r"] == 4 and config["lora_alpha"] == 32
+    model, tokenizer, _, _ = load_adapter(out)  # and it loads back
+    assert model.peft_config["default"].__dict__[key] is True
