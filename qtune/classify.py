@@ -210,9 +210,10 @@ def confusion_png(m: dict, title: str) -> bytes:
     labels, confusion = m["labels"], m["confusion"]
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2), dpi=100)
     ax.imshow(confusion, cmap="Blues")
+    top = max(max(row) for row in confusion) or 1
     for i, row in enumerate(confusion):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center")
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
