@@ -87,6 +87,24 @@ def make_model_folder(path: Path, tokenizer, seed: int = 0) -> Path:
     return path
 
 
+def plain_bnb(quant: str, skip: list[str] | None = None):
+    """A BitsAndBytesConfig written by hand, as a user of plain PEFT would (not through qtune)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
 @pytest.fixture(scope="session")
 def chatml_tokenizer():
     return make_tokenizer(CHATML)

@@ -13,6 +13,7 @@ from qtune.data import DataError
 from qtune.lora import AdapterError, load_adapter
 from qtune.models import new_modules
 from recipes import classify as recipe
+from tests.conftest import plain_bnb
 
 WORDS = "the movie was great good wonderful a dull boring terrible film awful fine bad joy".split()
 TEXTS = [
@@ -112,19 +113,9 @@ def test_head_is_trained_saved_and_restored(cls_cfg, tiny_bert_dir, tiny_model_d
     torch.testing.assert_close(probabilities(again, tokenizer, texts), ours, rtol=0, atol=0)
 
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
 
-    qconfig = {
-        "nf4": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=[head],
-        ),
-        "int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[head]),
-        "none": None,
-    }[quant]
+    qconfig = plain_bnb(quant, [head])
     plain = AutoModelForSequenceClassification.from_pretrained(
         str(model_dir),
         num_labels=2,

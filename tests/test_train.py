@@ -10,6 +10,7 @@ from qtune.config import load_config
 from qtune.data import DataConfig, load_examples
 from qtune.lora import AdapterError, load_adapter, read_meta
 from recipes import sft
+from tests.conftest import plain_bnb
 
 ROWS = [
     {
@@ -92,18 +93,9 @@ def test_training_changes_lora_only_and_reloads_identically(run_cfg, tiny_model_
     assert not torch.allclose(via_qtune, lora_logits(base_only, input_ids))  # the adapter does something
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    qconfig = {
-        "nf4": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        "int8": BitsAndBytesConfig(load_in_8bit=True),
-        "none": None,
-    }[quant]
+    qconfig = plain_bnb(quant)
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=qconfig, dtype=torch.float32)
     plain = PeftModel.from_pretrained(plain, str(out)).eval()
     torch.testing.assert_close(lora_logits(plain, input_ids), via_qtune, rtol=0, atol=0)
