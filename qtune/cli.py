@@ -132,6 +132,25 @@ def cmd_predict(args) -> None:
         )
 
 
+def cmd_plan(args) -> None:
+    from qtune import plan
+
+    inp = plan.PlanInput(
+        seq=args.seq,
+        batch=args.batch,
+        quant=args.quant,
+        double_quant=args.double_quant == "on",
+        lora_r=args.lora_r,
+        targets=args.targets,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
+        optim=args.optim,
+        dtype=args.dtype,
+        vram=plan.parse_bytes(args.vram) if args.vram else None,
+    )
+    result = plan.estimate(plan.load_arch(args.model), inp)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -166,19 +185,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("plan", help="will this run fit my GPU? memory breakdown from the model config alone")
+    p.add_argument(
+        "model",
+        help="built-in name (llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b, "
+        "phi-3-mini, smollm2-135m, smollm2-1.7b), a local model folder, or a hub id",
+    )
+    p.add_argument("--vram", help="GPU memory to plan against: 8GB, 8G, 8192MiB (GB means GiB, as cards are sold)")
+    p.add_argument("--seq", type=_positive_int("--seq"), default=2048, help="tokens per example (default 2048)")
+    p.add_argument("--batch", type=_positive_int("--batch"), default=1, help="examples per micro-batch")
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4")
+    p.add_argument("--double-quant", choices=["on", "off"], default="on")
+    p.add_argument("--lora-r", type=_positive_int("--lora-r"), default=16)
+    p.add_argument("--targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
-    from qtune.config import ConfigError
-    from qtune.data import DataError
-    from qtune.lora import AdapterError
-    from qtune.models import ModelError
+    from qtune.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, ModelError, AdapterError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

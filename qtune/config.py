@@ -18,9 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key to change."""
+from qtune.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -97,6 +95,9 @@ class TrainConfig:
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer.", "adamw")
     gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", False)
     group_by_length: bool = _help("Batch examples of similar length together (less padding).", True)
+    fit_to_vram: str | None = _help(
+        "GPU memory to fit (e.g. 8GB): choose micro-batch, grad_accum and checkpointing from `qtune plan`.", None
+    )
     seed: int = _help("Seed for data order, dropout and LoRA init.", 42)
     logging_steps: int = _help("Log the loss every N steps.", 5)
 
@@ -112,6 +113,13 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.warmup < 0:
             raise ConfigError(f"train.warmup must be >= 0, got {self.warmup}")
+        if self.fit_to_vram is not None:
+            from qtune.plan import PlanError, parse_bytes
+
+            try:
+                parse_bytes(self.fit_to_vram)
+            except PlanError as e:
+                raise ConfigError(f"train.fit_to_vram: {e}") from None
 
 
 @dataclass

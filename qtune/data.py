@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from qtune.config import DataConfig
+from qtune.errors import DataError  # noqa: F401  (re-exported)
 
 IGNORE = -100
 FORMATS = ("chat", "alpaca", "prompt_completion", "text")
@@ -37,10 +38,6 @@ _FORMAT_FIELDS = {
 _ROLES = ("system", "user", "assistant", "tool")
 _MAX_LISTED_ERRORS = 20
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-
-
-class DataError(ValueError):
-    """Bad data; the message names the file, row and field of each problem."""
 
 
 @dataclass

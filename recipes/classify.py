@@ -39,6 +39,9 @@ def main(cfg: RunConfig) -> Path:
         eval_examples, eval_report, _ = classify.load_labelled(cfg.data.eval, tokenizer, cfg.data, label2id)
         eval_examples = eval_examples[: cfg.eval.limit] if cfg.eval.limit else eval_examples
         print(f"eval data:  {eval_report.summary()}")
+    if cfg.train.fit_to_vram:  # choose batch / accumulation / checkpointing that fit the GPU (qtune plan)
+        cfg, note = train.fit_to_vram(cfg, base_path, max(len(e.input_ids) for e in train_examples))
+        print(note)
 
     # 2. The base with a classification head; LoRA on the backbone, the head (and any other module the
     #    checkpoint lacks) trained in full and saved with the adapter.

@@ -41,6 +41,9 @@ def main(cfg: RunConfig) -> Path:
         eval_examples, eval_report = data.load_examples(cfg.data.eval, tokenizer, cfg.data)
         eval_examples = eval_examples[: cfg.eval.limit] if cfg.eval.limit else eval_examples
         print(f"eval data:  {eval_report.summary()}")
+    if cfg.train.fit_to_vram:  # choose batch / accumulation / checkpointing that fit the GPU (qtune plan)
+        cfg, note = train.fit_to_vram(cfg, base_path, max(len(e.input_ids) for e in train_examples))
+        print(note)
 
     # 3. The base, quantized, prepared for k-bit training; then fresh LoRA adapters on top.
     model = models.load_base(

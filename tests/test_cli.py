@@ -108,3 +108,62 @@ def test_hub_id_without_network_is_a_clear_error(workspace, capsys, monkeypatch)
         main(["train", "run.yaml", "model.name=someone/not-cached"])
     err = capsys.readouterr().err
     assert "error: model.name: could not get 'someone/not-cached' from the hub" in err
+
+
+def test_plan_prints_a_breakdown_and_json(capsys):
+    main(["plan", "llama-2-7b", "--vram", "8GB", "--seq", "1024"])
+    out = capsys.readouterr().out
+    assert "llama-2-7b: nf4 + double quant, seq 1024 x batch 1" in out and "fits in 8.00 GiB" in out
+    main(["plan", "llama-2-7b", "--vram", "8192MiB", "--seq", "1024", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["vram"] == 8 << 30 and data["fits"] is True and data["input"]["seq"] == 1024
+    assert data["total"] == sum(data["breakdown"].values())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "llama-2-7b", "--vram", "8 potatoes"], "--vram: cannot read '8 potatoes'"),
+        (["plan", "nobody/nothing"], "unknown architecture 'nobody/nothing'"),
+    ],
+)
+def test_plan_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_rejects_impossible_numbers(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "llama-2-7b", "--seq", "0"])
+    assert "--seq must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_fit_to_vram_in_a_recipe_config(workspace, capsys, tiny_model_dir):
+    from qtune import plan
+
+    # The tiny model needs a few hundred MiB at most: a budget that holds micro-batch 2 but not 4.
+    arch = plan.load_arch(str(tiny_model_dir))
+    main(["train", "run.yaml", "output.name=probe"])
+    capsys.readouterr()
+    from qtune.data import load_examples
+    from qtune.models import load_tokenizer
+
+    cfg_data = json.loads((workspace / "adapters" / "probe" / "qtune.json").read_text())["config"]["data"]
+    from qtune.config import DataConfig
+
+    examples, _ = load_examples("train.jsonl", load_tokenizer(tiny_model_dir), DataConfig(**cfg_data))
+    longest = max(len(e.input_ids) for e in examples)
+    base = plan.PlanInput(seq=longest, lora_r=16, dtype="fp32", quant="none", gradient_checkpointing=False)
+    need = {b: plan.estimate(arch, plan.PlanInput(**{**base.__dict__, "batch": b})).total for b in (2, 4)}
+    budget = (need[2] + need[4]) // 2
+    main(["train", "run.yaml", f"train.fit_to_vram={budget}B", "train.batch_size=4", "output.name=fitted"])
+    assert "micro-batch 2 x grad_accum 2, gradient checkpointing off" in capsys.readouterr().out
+    chosen = json.loads((workspace / "adapters" / "fitted" / "qtune.json").read_text())["config"]["train"]
+    assert (chosen["batch_size"], chosen["grad_accum"]) == (2, 2)
+
+
+def test_fit_to_vram_is_validated(workspace, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "run.yaml", "train.fit_to_vram=lots"])
+    assert "train.fit_to_vram: --vram: cannot read 'lots'" in capsys.readouterr().err

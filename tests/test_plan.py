@@ -1,0 +1,454 @@
+"""The VRAM planner: exact weight bytes against what transformers + bitsandbytes load, activation
+bytes against what autograd saves, and the planner's inputs, errors, search and fitting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from qtune.config import LoraConfig, ModelConfig, QuantConfig
+from qtune.lora import attach_lora
+from qtune.models import load_base
+from qtune.plan import (
+    BUILTIN,
+    COMPONENTS,
+    GIB,
+    MIB,
+    PlanError,
+    PlanInput,
+    estimate,
+    fit_to_vram,
+    load_arch,
+    parse_bytes,
+    quant_constant_bytes,
+    weight_bytes,
+)
+
+# Tiny decoders of every supported layout; shapes need no special multiples for bitsandbytes
+# (4-bit packs the flattened weight, padding an odd count) but are kept round anyway.
+TINY = {
+    "llama": ("llama", {}),
+    "llama-tied-bias": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    "qwen2": ("qwen2", {}),  # q, k, v biases
+    "phi3": ("phi3", {}),  # fused qkv_proj and gate_up_proj
+    "gemma2": ("gemma2", {"head_dim": 48}),  # tied, 4 norms, head_dim != hidden / heads, embed_scale buffer
+}
+QUANT_CASES = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False), ("int8", False), ("none", False)]
+
+
+def _save_tiny(path, model_type: str, layers: int, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Folders of tiny random models, keyed (variant, layers), written once per module."""
+    made = {}
+
+    def get(variant: str, layers: int = 2):
+        if (variant, layers) not in made:
+            model_type, extra = TINY[variant]
+            folder = tmp_path_factory.mktemp(f"{variant}-{layers}")
+            made[variant, layers] = _save_tiny(folder, model_type, layers, **extra)
+        return made[variant, layers]
+
+    return get
+
+
+def _load(folder, quant: str, double_quant: bool, dtype: str = "bf16", **kwargs):
+    return load_base(
+        folder,
+        ModelConfig(name=str(folder), dtype=dtype),
+        QuantConfig(method=quant, double_quant=double_quant),
+        **kwargs,
+    )
+
+
+def _quant_state_bytes(model) -> int:
+    """Bytes of every distinct quantization-constant tensor bitsandbytes keeps outside parameters."""
+    import bitsandbytes as bnb
+
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        tensors = []
+        if isinstance(weight, bnb.nn.Params4bit):
+            qs = weight.quant_state
+            tensors = [qs.absmax, qs.code, qs.offset]
+            if qs.state2 is not None:
+                tensors += [qs.state2.absmax, qs.state2.code]
+        elif isinstance(weight, bnb.nn.Int8Params):
+            tensors = [weight.SCB]
+        for t in tensors:
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.nelement() * t.element_size()
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------ exact weights
+
+
+@pytest.mark.parametrize("variant", list(TINY))
+def test_weight_bytes_equal_get_memory_footprint_exactly(tiny, variant):
+    folder = tiny(variant)
+    arch = load_arch(str(folder))
+    for quant, double_quant in QUANT_CASES:
+        model = _load(folder, quant, double_quant)
+        assert weight_bytes(arch, quant, double_quant, "bf16") == model.get_memory_footprint(), (quant, double_quant)
+        # The constants get_memory_footprint leaves out are the quant_state / SCB tensors, to the byte.
+        assert quant_constant_bytes(arch, quant, double_quant) == _quant_state_bytes(model), (quant, double_quant)
+
+
+def test_weight_bytes_follow_the_load_dtype(tiny):
+    folder = tiny("gemma2")
+    arch = load_arch(str(folder))
+    for quant in ("nf4", "none"):
+        model = _load(folder, quant, True, dtype="fp32")
+        assert weight_bytes(arch, quant, True, "fp32") == model.get_memory_footprint()
+
+
+def test_double_quant_changes_the_true_storage_not_the_reported_footprint(tiny):
+    arch = load_arch(str(tiny("llama")))
+    assert weight_bytes(arch, "nf4", True, "bf16") == weight_bytes(arch, "nf4", False, "bf16")
+    # On tiny layers the nested 256-entry code table (1 KiB per weight) outweighs the savings.
+    assert quant_constant_bytes(arch, "nf4", True) > quant_constant_bytes(arch, "nf4", False)
+    big = load_arch("llama-2-7b")
+    assert quant_constant_bytes(big, "nf4", True) < quant_constant_bytes(big, "nf4", False)
+    # FIELD.md: NF4 is 4.5 bits per weight, ~4.127 with double quantization.
+    linear = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    bits = [8 * (linear // 2 + quant_constant_bytes(big, "nf4", dq) / 32) / linear for dq in (False, True)]
+    assert bits[0] == pytest.approx(4.5, abs=0.01) and bits[1] == pytest.approx(4.127, abs=0.01)
+
+
+def test_kbit_preparation_upcast_is_what_the_plan_counts(tiny):
+    """qtune's training path runs prepare_model_for_kbit_training: every non-quantized weight
+    becomes fp32. The plan's two weight components add up to the prepared model's footprint."""
+    folder = tiny("llama-tied-bias")
+    arch = load_arch(str(folder))
+    prepared = _load(folder, "nf4", True, training=True)
+    plan = estimate(arch, PlanInput(seq=64, lora_r=8))
+    assert plan.breakdown["quantized weights"] + plan.breakdown["16-bit weights"] == prepared.get_memory_footprint()
+    kept = estimate(arch, PlanInput(seq=64, lora_r=8, upcast_kbit=False))
+    assert kept.breakdown["quantized weights"] + kept.breakdown["16-bit weights"] == plan.reported_weights
+    assert plan.reported_weights == weight_bytes(arch, "nf4", True, "bf16")
+
+
+# ------------------------------------------------------------------------------ LoRA parameters
+
+
+def test_lora_params_of_llama2_7b_r16_all_linear_match_the_published_count():
+    plan = estimate(load_arch("llama-2-7b"), PlanInput(lora_r=16, targets="all-linear"))
+    assert plan.lora_params == 39_976_960  # FIELD.md
+    assert plan.breakdown["optimizer states"] == 8 * 39_976_960  # AdamW: two fp32 states (320 MB)
+
+
+@pytest.mark.parametrize(
+    ("variant", "targets"), [("llama", "all-linear"), ("llama", ["q_proj", "v_proj"]), ("phi3", "all-linear")]
+)
+def test_lora_params_equal_peft_trainable_params(tiny, variant, targets):
+    folder = tiny(variant)
+    model = attach_lora(_load(folder, "nf4", True), LoraConfig(r=8, targets=targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate(load_arch(str(folder)), PlanInput(lora_r=8, targets=targets)).lora_params == trainable
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+def _saved_bytes(folder, quant: str, checkpointing: bool, targets, batch: int, seq: int) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves in one forward (trl's autocast)."""
+    model = _load(folder, quant, True, training=True, gradient_checkpointing=checkpointing)
+    model = attach_lora(model, LoraConfig(r=8, targets=targets))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 512, (batch, seq))
+    mask = torch.ones_like(ids)
+    mask[0, : seq // 4] = 0  # a padded micro-batch when batch > 1: the case the plan assumes
+    if batch == 1:
+        mask[:] = 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    ("variant", "quant", "checkpointing", "targets", "batch"),
+    [
+        ("llama", "nf4", False, "all-linear", 1),
+        ("llama", "nf4", False, "all-linear", 2),
+        ("llama", "nf4", True, "all-linear", 1),
+        ("llama", "none", False, ["q_proj", "v_proj"], 1),
+        ("phi3", "nf4", False, "all-linear", 2),
+        ("gemma2", "nf4", False, "all-linear", 1),
+    ],
+)
+def test_activation_model_matches_what_autograd_saves_per_layer(tiny, variant, quant, checkpointing, targets, batch):
+    """One more decoder layer adds what the plan says it adds (activations, plus the 16-bit
+    autocast copies of the LoRA weights, which the plan books under LoRA parameters)."""
+    seq = 64
+    measured = _saved_bytes(tiny(variant, 2), quant, checkpointing, targets, batch, seq) - _saved_bytes(
+        tiny(variant, 1), quant, checkpointing, targets, batch, seq
+    )
+    inp = PlanInput(seq=seq, batch=batch, quant=quant, lora_r=8, targets=targets, gradient_checkpointing=checkpointing)
+    one, two = (estimate(load_arch(str(tiny(variant, n))), inp) for n in (1, 2))
+    copies = (two.breakdown["LoRA parameters"] - 4 * two.lora_params) - (
+        one.breakdown["LoRA parameters"] - 4 * one.lora_params
+    )
+    if checkpointing:
+        copies = 0  # the copies are made again while recomputing; none are kept per layer
+    predicted = two.breakdown["activations"] - one.breakdown["activations"] + copies
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+# ------------------------------------------------------------------------------ planner behaviour
+
+
+def test_monotone_in_sequence_batch_and_checkpointing():
+    arch = load_arch("llama-3.1-8b")
+    plans = [estimate(arch, PlanInput(seq=s)) for s in (512, 1024, 2048, 4096)]
+    assert all(a.total < b.total for a, b in zip(plans, plans[1:]))
+    assert all(a.breakdown["activations"] < b.breakdown["activations"] for a, b in zip(plans, plans[1:]))
+    assert estimate(arch, PlanInput(batch=1)).total < estimate(arch, PlanInput(batch=2)).total
+    on, off = (estimate(arch, PlanInput(seq=2048, gradient_checkpointing=gc)) for gc in (True, False))
+    assert on.breakdown["activations"] < off.breakdown["activations"]
+    assert on.breakdown["logits and loss"] == off.breakdown["logits and loss"]
+
+
+def test_quantization_and_optimizer_choices_order_as_expected():
+    arch = load_arch("mistral-7b")
+    weights = {
+        q: sum(estimate(arch, PlanInput(quant=q)).breakdown[k] for k in COMPONENTS[:3]) for q in ("nf4", "int8", "none")
+    }
+    assert weights["nf4"] < weights["int8"] < weights["none"]
+    states = {o: estimate(arch, PlanInput(optim=o)).breakdown["optimizer states"] for o in ("adamw", "adamw8bit")}
+    assert states["adamw8bit"] < states["adamw"] / 3
+    assert estimate(arch, PlanInput(lora_r=8)).lora_params * 2 == estimate(arch, PlanInput(lora_r=16)).lora_params
+
+
+def test_builtin_plans_need_no_network(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the planner reached for the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    for name in BUILTIN:
+        plan = estimate(load_arch(name), PlanInput(vram=24 * GIB))
+        assert set(plan.breakdown) == set(COMPONENTS) and all(v >= 0 for v in plan.breakdown.values())
+        assert plan.total > plan.reported_weights
+    assert load_arch("meta-llama/Llama-2-7b-hf") == load_arch("llama-2-7b")
+    assert load_arch("HuggingFaceTB/SmolLM2-135M-Instruct")["hidden_size"] == 576
+
+
+def test_max_seq_and_max_batch_are_the_edges_of_what_fits():
+    arch = load_arch("llama-3.1-8b")
+    plan = estimate(arch, PlanInput(seq=2048, batch=1, vram=24 * GIB))
+    assert plan.max_seq and plan.max_batch
+    at, past = (estimate(arch, PlanInput(seq=n, vram=24 * GIB)) for n in (plan.max_seq, plan.max_seq + 1))
+    assert at.fits and not past.fits
+    at, past = (
+        estimate(arch, PlanInput(seq=2048, batch=n, vram=24 * GIB)) for n in (plan.max_batch, plan.max_batch + 1)
+    )
+    assert at.fits and not past.fits
+    tight = estimate(arch, PlanInput(quant="none", vram=8 * GIB))
+    assert tight.fits is False and tight.max_seq == 0 and tight.max_batch == 0
+    assert estimate(arch, PlanInput()).fits is None and estimate(arch, PlanInput()).max_seq is None
+
+
+def test_to_dict_is_json_and_format_names_every_component():
+    plan = estimate(load_arch("qwen2.5-7b"), PlanInput(seq=1024, vram=parse_bytes("16GB")))
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["total"] == plan.total == sum(data["breakdown"].values()) and data["fits"] == plan.fits
+    text = plan.format()
+    assert all(name in text for name in COMPONENTS) and "16.00 GiB" in text and "longest seq" in text
+
+
+def test_fit_to_vram_keeps_the_effective_batch_and_prefers_no_checkpointing():
+    small = load_arch("smollm2-135m")
+    micro, accum = fit_to_vram(small, PlanInput(seq=512, batch=4), 24 * GIB)
+    assert (micro.batch, accum, micro.gradient_checkpointing, micro.vram) == (4, 1, False, 24 * GIB)
+
+    arch = load_arch("llama-3.1-8b")
+    micro, accum = fit_to_vram(arch, PlanInput(seq=2048, batch=8), 16 * GIB)
+    assert micro.batch * accum == 8 and estimate(arch, micro).fits
+    if micro.gradient_checkpointing:  # checkpointing only when no micro-batch fits without it
+        assert not estimate(arch, dataclasses.replace(micro, batch=1, gradient_checkpointing=False)).fits
+    else:  # and the largest divisor of 8 that fits
+        bigger = [d for d in (2, 4, 8) if d > micro.batch]
+        assert all(not estimate(arch, dataclasses.replace(micro, batch=d)).fits for d in bigger)
+
+
+def test_fit_to_vram_turns_checkpointing_on_when_it_must():
+    arch = load_arch("llama-3.1-8b")
+    micro, accum = fit_to_vram(arch, PlanInput(seq=4096, batch=2), 24 * GIB)
+    assert micro.gradient_checkpointing and (micro.batch, accum) == (1, 2)
+    assert not estimate(arch, dataclasses.replace(micro, gradient_checkpointing=False)).fits
+
+
+def test_fit_to_vram_says_the_longest_sequence_that_would_fit():
+    arch = load_arch("llama-3.1-8b")
+    with pytest.raises(PlanError, match=r"^--seq 65536: even micro-batch 1 with gradient checkpointing") as e:
+        fit_to_vram(arch, PlanInput(seq=65536), 12 * GIB)
+    longest = int(str(e.value).rsplit("is ", 1)[1].split(" tokens")[0].replace(",", ""))
+    assert estimate(arch, PlanInput(seq=longest, vram=12 * GIB)).fits
+    assert not estimate(arch, PlanInput(seq=longest + 1, vram=12 * GIB)).fits
+    with pytest.raises(PlanError, match="does not fit even at seq 1"):
+        fit_to_vram(arch, PlanInput(quant="none"), 8 * GIB)
+    with pytest.raises(PlanError, match="^--vram must be a positive number of bytes, got 0$"):
+        fit_to_vram(arch, PlanInput(), 0)
+
+
+# ------------------------------------------------------------------------------ inputs and errors
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GB", 8 * GIB),
+        ("8 GB", 8 * GIB),
+        ("8G", 8 * GIB),
+        ("8gb", 8 * GIB),
+        ("8GiB", 8 * GIB),
+        ("8192MiB", 8 * GIB),
+        ("24000MB", 24000 * MIB),
+        ("8", 8 * GIB),
+        ("7.5", 7 * GIB + GIB // 2),
+        ("512 mib", 512 * MIB),
+        ("1T", 1024 * GIB),
+        ("4096B", 4096),
+    ],
+)
+def test_parse_bytes_units(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8 potatoes", "", "GB", "8 GB GB", "eight"])
+def test_parse_bytes_unreadable(text):
+    with pytest.raises(PlanError, match=rf"^--vram: cannot read '{text}'; use e.g. 8GB, 8G, 8192MiB$"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize("text", ["0", "-8GB", "0 GiB", "0.1B"])
+def test_parse_bytes_not_positive(text):
+    with pytest.raises(PlanError, match=rf"^--vram must be a positive size, got '{text}'$"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seq": 0}, "--seq must be a positive integer, got 0"),
+        ({"seq": 2.5}, "--seq must be a positive integer, got 2.5"),
+        ({"batch": -1}, "--batch must be a positive integer, got -1"),
+        ({"lora_r": 0}, "--lora-r must be a positive integer, got 0"),
+        ({"quant": "q4"}, "--quant must be one of nf4, fp4, int8, none; got 'q4'"),
+        ({"optim": "sgd"}, "--optim must be one of adamw, adamw8bit, paged_adamw8bit; got 'sgd'"),
+        ({"dtype": "fp8"}, "--dtype must be one of bf16, fp16, fp32; got 'fp8'"),
+        ({"targets": []}, "--targets is empty: use 'all-linear' or name at least one module, e.g. q_proj,v_proj"),
+        ({"targets": " , "}, "--targets is empty: use 'all-linear' or name at least one module, e.g. q_proj,v_proj"),
+        ({"vram": 0}, "--vram must be a positive number of bytes, got 0"),
+        ({"vram": "8GB"}, "--vram must be a positive number of bytes, got '8GB'"),
+        ({"gradient_checkpointing": "yes"}, "--gradient-checkpointing must be true or false, got 'yes'"),
+    ],
+)
+def test_plan_input_errors_name_the_flag(kwargs, message):
+    with pytest.raises(PlanError) as e:
+        PlanInput(**kwargs)
+    assert str(e.value) == message
+
+
+def test_targets_accept_a_comma_list_and_reject_unknown_modules():
+    assert PlanInput(targets="q_proj, v_proj").targets == ["q_proj", "v_proj"]
+    with pytest.raises(PlanError, match=r"^--targets: no module named gate_proj in phi-3-mini \(phi3\); choose from"):
+        estimate(load_arch("phi-3-mini"), PlanInput(targets=["qkv_proj", "gate_proj"]))
+    head = estimate(load_arch("llama-2-7b"), PlanInput(targets=["q_proj", "lm_head"], lora_r=8)).lora_params
+    assert head == 32 * 8 * (4096 + 4096) + 8 * (4096 + 32000)
+
+
+def test_weight_bytes_reject_unknown_quant_and_dtype():
+    arch = load_arch("llama-2-7b")
+    with pytest.raises(PlanError, match="^--quant must be one of"):
+        weight_bytes(arch, "nf3", True, "bf16")
+    with pytest.raises(PlanError, match="^--dtype must be one of"):
+        weight_bytes(arch, "nf4", True, "float16")
+
+
+def test_unknown_models_are_explained(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(PlanError) as e:
+        load_arch("nobody/nothing-7b")
+    assert str(e.value).startswith("--model: unknown architecture 'nobody/nothing-7b': not built in (llama-2-7b, ")
+    assert str(e.value).endswith("not a folder with config.json, the hub is not reachable (OSError)")
+    with pytest.raises(PlanError, match="not a hub id like org/name$"):
+        load_arch("llama-9b")
+    with pytest.raises(PlanError, match="the folder has no config.json"):
+        load_arch(str(tmp_path))
+
+    def write(config):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return str(tmp_path)
+
+    with pytest.raises(
+        PlanError, match=r"model_type 'gpt2' has no integer hidden_size, intermediate_size, num_hidden_layers"
+    ):
+        load_arch(write({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257}))
+    llama_like = {**BUILTIN["smollm2-135m"], "model_type": "granite"}
+    with pytest.raises(PlanError, match=r"mixture-of-experts models \(num_local_experts\) are not supported"):
+        load_arch(write({**llama_like, "num_local_experts": 8}))
+    with pytest.raises(PlanError, match="not a multiple of num_key_value_heads"):
+        load_arch(write({**llama_like, "num_key_value_heads": 4}))
+    plan = estimate(load_arch(write(llama_like)), PlanInput())
+    assert any("treated as llama-like" in note for note in plan.notes)
+
+
+# ------------------------------------------------------------------------------ the real model
+
+
+@pytest.mark.integration
+def test_embedded_smollm2_nf4_footprint_is_exact(tmp_path, monkeypatch):
+    import os
+
+    from qtune.models import ensure_embedded_model
+
+    monkeypatch.setenv("QTUNE_HOME", os.environ.get("QTUNE_TEST_HOME", str(tmp_path / "qtune-home")))
+    folder = ensure_embedded_model()
+    arch = load_arch(str(folder))
+    sizing = [k for k in BUILTIN["smollm2-135m"] if k != "max_position_embeddings"]
+    assert {k: arch[k] for k in sizing} == {k: load_arch("smollm2-135m")[k] for k in sizing}
+    model = _load(folder, "nf4", True)
+    assert weight_bytes(arch, "nf4", True, "bf16") == model.get_memory_footprint()
+    assert quant_constant_bytes(arch, "nf4", True) == _quant_state_bytes(model)
