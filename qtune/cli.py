@@ -151,6 +151,34 @@ def cmd_plan(args) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
 
 
+# ---- merge and export (qtune/export.py) ----
+
+
+def cmd_merge(args) -> None:
+    from qtune.export import merge
+
+    out = merge(
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        into_quantized=args.into_quantized,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"merged model written to {out}")
+
+
+def cmd_export(args) -> None:
+    from qtune import export, gguf_export
+
+    if args.format == "peft":
+        out = export.export_peft(args.adapter, args.out)
+    elif args.format == "gguf":
+        out = gguf_export.export_gguf(args.adapter, args.out, qtype=args.type, dtype=args.dtype)
+    else:
+        out = gguf_export.export_gguf_lora(args.adapter, args.out)
+    print(f"{args.format} export written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -204,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    # ---- merge and export (qtune/export.py) ----
+    p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("out", help="new folder for the merged model (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the adapter's model.dtype")
+    p.add_argument(
+        "--into-quantized",
+        action="store_true",
+        help="merge into the 4/8-bit base it was trained on (rounds the merged weights: degrades the model)",
+    )
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (bounds peak memory)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export for serving: --format peft | gguf | gguf-lora")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("out", help="new output folder (peft, gguf) or .gguf file (gguf-lora)")
+    p.add_argument("--format", required=True, choices=["peft", "gguf", "gguf-lora"])
+    p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf tensor type (default f16)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="gguf: dtype to merge in")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

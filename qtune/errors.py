@@ -25,4 +25,8 @@ class PlanError(ValueError):
     """A planner input is invalid or unknown; the message names the flag to change."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, AdapterError, PlanError)
+class ExportError(RuntimeError):
+    """A merge or export was refused or failed; the message names the file or flag and what to do."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, AdapterError, PlanError, ExportError)
