@@ -27,7 +27,7 @@ import torch
 
 from qtune.config import from_dict
 from qtune.errors import AdapterError, ExportError
-from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_meta
+from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, default_mode, read_meta, staging_dir
 from qtune.models import DTYPES, EMBEDDED_ALIAS, fingerprint_base, load_base, load_tokenizer, resolve_base
 
 MERGE_FILE = "qtune_merge.json"
@@ -68,7 +68,7 @@ def _staged_folder(out: Path) -> Iterator[Path]:
     """Yield a hidden temporary folder beside `out`; rename it to `out` when the block succeeds."""
     _refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -95,6 +95,7 @@ def _staged_file(out: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(default_mode(directory=False))  # mkstemp's 0600 would stay after the rename
     try:
         yield tmp
         _fsync(tmp)

@@ -66,6 +66,23 @@ def output_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def default_mode(directory: bool) -> int:
+    """The permissions a plain mkdir / open would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def staging_dir(out: Path) -> Path:
+    """A hidden temporary folder beside `out`, with the permissions a plain mkdir would give.
+
+    (mkdtemp makes it private, 0700; renamed into place, that would hide outputs from other users.)
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(default_mode(directory=True))
+    return tmp
+
+
 def save_adapter(
     model, out_dir: Path, meta: dict[str, Any], files: dict[str, bytes] | None = None, overwrite: bool = False
 ) -> Path:
@@ -77,7 +94,7 @@ def save_adapter(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not overwrite:
         raise AdapterError(f"{out_dir} already exists: set output.overwrite=true to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     old = None
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)

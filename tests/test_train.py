@@ -212,3 +212,15 @@ def test_dora_and_rslora_switches_reach_the_adapter_config(run_cfg, switch):
     assert config["r"] == 4 and config["lora_alpha"] == 32
     model, tokenizer, _, _ = load_adapter(out)  # and it loads back
     assert model.peft_config["default"].__dict__[key] is True
+
+
+def test_adapter_folder_gets_ordinary_permissions(run_cfg):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = sft.main(run_cfg("quant.method=none"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's private 0700
