@@ -62,16 +62,20 @@ def make_tokenizer(template: str = CHATML, add_bos: bool = False):
     return fast
 
 
-def make_model_folder(path: Path, tokenizer, seed: int = 0) -> Path:
-    """Save a tiny random Llama (2 layers, hidden 64) with `tokenizer` as an HF folder."""
+def make_model_folder(path: Path, tokenizer, seed: int = 0, arch: str = "llama") -> Path:
+    """Save a tiny random Llama (or Qwen2: tied embeddings, another MLP width) with `tokenizer` as an HF folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        arch
+    ]
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
+        # The Qwen2's MLP width differs from the Llama's, so an adapter swapped between them cannot load silently.
+        intermediate_size=128 if arch == "llama" else 96,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -79,10 +83,9 @@ def make_model_folder(path: Path, tokenizer, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=arch == "qwen2",
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

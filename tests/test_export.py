@@ -24,29 +24,6 @@ from tests.test_train import ROWS
 TEXT = "the movie was great and the acting was wonderful"
 
 
-def make_qwen2_folder(path, tokenizer, seed=0):
-    """A tiny random Qwen2 (2 layers, hidden 64, tied embeddings) saved with `tokenizer`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,  # differs from the Llama's, so a swapped adapter cannot load silently
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{name: adapter folder} for llama-none, llama-nf4 and qwen2-none, trained 2 steps each."""
@@ -54,7 +31,7 @@ def trained(tmp_path_factory):
     tokenizer = make_tokenizer(CHATML)
     bases = {
         "llama": make_model_folder(root / "tiny-llama", tokenizer),
-        "qwen2": make_qwen2_folder(root / "tiny-qwen2", tokenizer),
+        "qwen2": make_model_folder(root / "tiny-qwen2", tokenizer, arch="qwen2"),
     }
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
