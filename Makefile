@@ -9,7 +9,7 @@ VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test lint format bench clean
+.PHONY: install data demo test lint format clean
 
 data: data/.prepared
 
