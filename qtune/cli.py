@@ -57,6 +57,8 @@ def cmd_cp(args) -> None:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / source.name
+    if not dest.parent.is_dir():
+        raise SystemExit(f"error: {dest.parent} is not a folder; create it first")
     if dest.exists():
         raise SystemExit(f"error: {dest} exists; remove it or choose another destination")
     shutil.copyfile(source, dest)
@@ -65,8 +67,11 @@ def cmd_cp(args) -> None:
 
 def cmd_generate(args) -> None:
     from qtune.evaluate import generate
-    from qtune.lora import load_adapter
+    from qtune.lora import AdapterError, load_adapter, read_meta
 
+    kind = read_meta(args.adapter).get("kind")
+    if kind == "sequence-classification":
+        raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
     model, tokenizer, cfg, _ = load_adapter(args.adapter, base_only=args.base_only)
     print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
 

@@ -56,6 +56,9 @@ class LoraConfig:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            # `lora.targets=q_proj,v_proj` on the command line: module names, not one regex for peft
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if isinstance(self.targets, list) and not self.targets:
             raise ConfigError("lora.targets is empty: use 'all-linear' or name at least one module")
 
@@ -127,6 +130,13 @@ class EvalConfig:
     batch_size: int = _help("Examples per batch when evaluating and generating.", 16)
     max_new_tokens: int = _help("Generation budget for answer accuracy.", 16)
     limit: int | None = _help("Evaluate on at most this many records (None: all).", None)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"eval.{key} must be positive, got {getattr(self, key)}")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"eval.limit must be positive or null, got {self.limit}")
 
 
 @dataclass

@@ -136,7 +136,14 @@ def _read_csv(path: Path) -> list[tuple[int, Any]]:
         raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     # Rows are numbered as data rows (the header is not a row), matching what a spreadsheet shows minus one.
-    return [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader, start=1)]
+    rows = list(enumerate(reader, start=1))
+    errors = [
+        f"row {i}: {len(row[None])} more field(s) than the header has columns (an unquoted comma?)"
+        for i, row in rows
+        if None in row
+    ]
+    _raise_all(str(path), errors)
+    return rows
 
 
 def _read_table(rows: Iterable[dict]) -> list[tuple[int, Any]]:
@@ -345,6 +352,8 @@ def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | No
     answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
     if tokenizer.chat_template:
         return chat_segments(tokenizer, messages, record.get("n_prompt", 0)), answer
+    if "alpaca" not in record:
+        raise DataError("chat messages need a base whose tokenizer has a chat template; this one has none")
     # Alpaca records for a base without a chat template: the classic Alpaca prompt.
     instruction, extra = record["alpaca"]
     block = f"### Input:\n{extra}\n\n" if extra.strip() else ""

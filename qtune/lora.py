@@ -109,10 +109,13 @@ def save_adapter(
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and old.exists() and not out_dir.exists():
             os.replace(old, out_dir)  # put the previous adapter back
+        if isinstance(e, OSError):
+            kept = " (the previous adapter there is kept)" if out_dir.exists() else ""
+            raise AdapterError(f"writing {out_dir} failed, nothing was written{kept}: {e}") from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qtune.config import RunConfig
+from qtune.config import ConfigError, RunConfig
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 
@@ -97,7 +97,13 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
         gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
     arch = plan.load_arch(str(base_path))
-    chosen, accum = plan.fit_to_vram(arch, wanted, vram)
+    try:
+        chosen, accum = plan.fit_to_vram(arch, wanted, vram)
+    except plan.PlanError as e:  # the planner speaks in `qtune plan` flags; say which config keys to change
+        raise ConfigError(
+            f"train.fit_to_vram={cfg.train.fit_to_vram} cannot be met at the longest example ({longest} tokens): "
+            f"{e} (lower data.max_length, quant.method or lora.r, or raise train.fit_to_vram)"
+        ) from None
     train_cfg = dataclasses.replace(
         cfg.train, batch_size=chosen.batch, grad_accum=accum, gradient_checkpointing=chosen.gradient_checkpointing
     )

@@ -214,3 +214,6 @@ def test_predict_and_eval_commands(cls_cfg, tiny_bert_dir, tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         cli(["predict", str(out)])  # neither --text nor --data
+    with pytest.raises(SystemExit) as exit_:
+        cli(["generate", str(out), "--prompt", "hi"])
+    assert exit_.value.code == 2 and "use `qtune predict" in capsys.readouterr().err

@@ -167,3 +167,11 @@ def test_fit_to_vram_is_validated(workspace, capsys):
     with pytest.raises(SystemExit):
         main(["train", "run.yaml", "train.fit_to_vram=lots"])
     assert "train.fit_to_vram: --vram: cannot read 'lots'" in capsys.readouterr().err
+
+
+def test_fit_to_vram_that_cannot_be_met_names_the_keys(workspace, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "run.yaml", "train.fit_to_vram=1MiB"])
+    err = capsys.readouterr().err
+    assert "error: train.fit_to_vram=1MiB cannot be met" in err and "data.max_length" in err
+    assert not (workspace / "adapters").exists()

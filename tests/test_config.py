@@ -31,6 +31,7 @@ def test_yaml_and_typed_overrides(tmp_path):
     assert cfg.train.lr == pytest.approx(5e-5)  # "5e-5" is a string to YAML 1.1; coerced by the field type
     assert cfg.train.batch_size == 4
     assert cfg.lora.targets == ["q_proj", "v_proj"]
+    assert load_config(None, ["lora.targets=q_proj,v_proj"]).lora.targets == ["q_proj", "v_proj"]
     assert cfg.quant.method == "int8"
     assert cfg.train.gradient_checkpointing is True
     assert cfg.output.name == "run"  # defaults to the config file's stem
@@ -50,6 +51,8 @@ def test_yaml_and_typed_overrides(tmp_path):
         ("train.gradient_checkpointing=maybe", "`train.gradient_checkpointing` must be true or false"),
         ("train.lr", "not of the form key=value"),
         ("model.name.x=1", "`model.name` must be a string"),
+        ("eval.batch_size=0", "eval.batch_size must be positive"),
+        ("eval.limit=-1", "eval.limit must be positive or null"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -4,7 +4,7 @@ import pytest
 
 from qtune.config import DataConfig
 from qtune.data import IGNORE, DataError, encode, load_examples
-from tests.conftest import BOS_TEMPLATE, NO_EOS_TEMPLATE, make_tokenizer
+from tests.conftest import BOS_TEMPLATE, CHATML, NO_EOS_TEMPLATE, make_tokenizer
 
 CHAT = {
     "messages": [
@@ -129,6 +129,20 @@ def test_formats_are_detected_and_files_read(chatml_tokenizer, tmp_path):
         "c.json": ("text", 1),
         "d.jsonl": ("chat", 1),
     }
+
+
+def test_csv_row_with_more_fields_than_the_header(chatml_tokenizer, tmp_path):
+    (tmp_path / "a.csv").write_text("text\nhello\nhello, world\n")
+    with pytest.raises(DataError, match=r"a.csv: 1 bad record\(s\):\n  row 2: 1 more field\(s\) than the header"):
+        load_examples(tmp_path / "a.csv", chatml_tokenizer, DataConfig())
+
+
+def test_chat_without_a_chat_template_is_a_clear_error(tmp_path):
+    tok = make_tokenizer(CHATML)
+    tok.chat_template = None
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    with pytest.raises(DataError, match="row 1: chat messages need a base whose tokenizer has a chat template"):
+        load_examples(write_jsonl(tmp_path / "pc.jsonl", rows), tok, DataConfig())
 
 
 def test_saved_datasets_folder(chatml_tokenizer, tmp_path):
