@@ -27,8 +27,8 @@ import torch
 
 from qtune.config import from_dict
 from qtune.errors import AdapterError, ExportError
-from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, default_mode, read_meta, staging_dir
-from qtune.models import DTYPES, EMBEDDED_ALIAS, fingerprint_base, load_base, load_tokenizer, resolve_base
+from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checked_base, default_mode, read_meta, staging_dir
+from qtune.models import DTYPES, EMBEDDED_ALIAS, load_base, load_tokenizer
 
 MERGE_FILE = "qtune_merge.json"
 # Serving engines that refuse an adapter carrying full embedding / lm_head weights (FIELD.md #9).
@@ -155,15 +155,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any
 
 def _checked_base(adapter_dir: Path, meta: dict[str, Any]) -> Path:
     """The base folder recorded in qtune.json, refused if its fingerprint differs (as `load_adapter` does)."""
-    cfg = from_dict(meta["config"])
-    base_path = resolve_base(cfg.model)
-    fingerprint = fingerprint_base(base_path)
-    if fingerprint != meta["base"]["fingerprint"]:
-        raise AdapterError(
-            f"{adapter_dir} was trained on a base with fingerprint {meta['base']['fingerprint'][:19]}..., "
-            f"but {base_path} has {fingerprint[:19]}...: refusing to merge into a different base"
-        )
-    return base_path
+    return checked_base(adapter_dir, meta)[1]
 
 
 def _previous_merges(base_path: Path) -> list[dict[str, Any]]:

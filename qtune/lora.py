@@ -154,6 +154,23 @@ def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
 
 
+def checked_base(adapter_dir: str | Path, meta: dict[str, Any], check: bool = True) -> tuple[RunConfig, Path]:
+    """The adapter's resolved config and its base folder, refused if the base's fingerprint differs."""
+    try:
+        cfg, recorded = from_dict(meta["config"]), meta["base"]["fingerprint"]
+    except (KeyError, TypeError) as e:
+        raise AdapterError(f"{adapter_dir}/{META_FILE} lacks {e}: not written by this qtune, or edited") from None
+    base_path = resolve_base(cfg.model)
+    if check:
+        fingerprint = fingerprint_base(base_path)
+        if fingerprint != recorded:
+            raise AdapterError(
+                f"{adapter_dir} was trained on a base with fingerprint {recorded[:19]}..., "
+                f"but {base_path} has {fingerprint[:19]}...: refusing to use it with a different base"
+            )
+    return cfg, base_path
+
+
 def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base: bool = True):
     """Load base + adapter as recorded in the adapter's qtune.json.
 
@@ -161,15 +178,7 @@ def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base
     before/after comparison). The base is refused if its fingerprint differs from the recorded one.
     """
     meta = read_meta(adapter_dir)
-    cfg = from_dict(meta["config"])
-    base_path = resolve_base(cfg.model)
-    if check_base:
-        fingerprint = fingerprint_base(base_path)
-        if fingerprint != meta["base"]["fingerprint"]:
-            raise AdapterError(
-                f"{adapter_dir} was trained on a base with fingerprint {meta['base']['fingerprint'][:19]}..., "
-                f"but {base_path} has {fingerprint[:19]}...: refusing to load onto a different base"
-            )
+    cfg, base_path = checked_base(adapter_dir, meta, check_base)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     if meta.get("kind") == "sequence-classification":
         id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}

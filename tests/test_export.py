@@ -151,7 +151,7 @@ def test_merge_refuses_a_different_base(trained, tmp_path):
     meta = json.loads((adapter / "qtune.json").read_text())
     meta["base"]["fingerprint"] = "sha256:" + "0" * 64
     (adapter / "qtune.json").write_text(json.dumps(meta))
-    with pytest.raises(AdapterError, match="refusing to merge into a different base"):
+    with pytest.raises(AdapterError, match="refusing to use it with a different base"):
         export.merge(adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 

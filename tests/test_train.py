@@ -156,7 +156,7 @@ def test_adapter_refuses_a_different_base(run_cfg, tmp_path, tiny_model_dir):
     weights[key] = weights[key] + 1
     save_file(weights, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
     try:
-        with pytest.raises(AdapterError, match="refusing to load onto a different base"):
+        with pytest.raises(AdapterError, match="refusing to use it with a different base"):
             load_adapter(out)
     finally:
         weights[key] = weights[key] - 1
