@@ -43,8 +43,11 @@ class LabelReport:
         return ", ".join(parts)
 
 
-def read_labelled(path: str | Path, cfg: DataConfig) -> list[tuple[int, str, str | int]]:
-    """(row, text, label) for every record, or a DataError naming file, row and field of each bad one."""
+def read_labelled(path: str | Path, cfg: DataConfig, labelled: bool = True) -> list[tuple[int, str, str | int]]:
+    """(row, text, label) for every record, or a DataError naming file, row and field of each bad one.
+
+    With `labelled=False` (texts to predict) labels are not read and come back as None.
+    """
     file = str(path)
     records = read_records(path)
     errors: list[str] = []
@@ -61,6 +64,10 @@ def read_labelled(path: str | Path, cfg: DataConfig) -> list[tuple[int, str, str
             errors.append(f"row {row}: field `{cfg.text_field}` must be text, got {type(text).__name__}")
         elif not text.strip():
             errors.append(f"row {row}: field `{cfg.text_field}` is empty")
+        if not labelled:
+            if isinstance(text, str) and text.strip():
+                out.append((row, text, None))
+            continue
         if cfg.label_field not in record or label is None or label == "":
             errors.append(f"row {row}: field `{cfg.label_field}` is missing (set data.label_field)")
             continue
@@ -112,17 +119,37 @@ def load_labelled(path: str | Path, tokenizer, cfg: DataConfig, label2id: dict[s
     report = LabelReport(file=file, records=len(rows), fingerprint=fingerprint_data(path))
     report.class_counts = dict(sorted(Counter(str(label) for _, _, label in rows).items()))
     report.duplicates = len(rows) - len({(t, str(lab)) for _, t, lab in rows})
-    encoded = tokenizer([t for _, t, _ in rows], truncation=False)["input_ids"]
-    examples = []
-    for (row, text, label), ids in zip(rows, encoded):
+    encoded, report.truncated = encode_texts(tokenizer, [(row, t) for row, t, _ in rows], cfg, file)
+    examples = [
+        LabelledExample(input_ids=ids, label=label2id[str(label)], row=row, text=text)
+        for (row, text, label), ids in zip(rows, encoded)
+    ]
+    return examples, report, id2label
+
+
+def encode_texts(tokenizer, rows: list[tuple[int, str]], cfg: DataConfig, file: str) -> tuple[list[list[int]], int]:
+    """Token ids of (row, text) pairs, over-long ones truncated or rejected per data.overlong.
+
+    Returns the ids and how many were truncated.
+    """
+    encoded = tokenizer([t for _, t in rows], truncation=False)["input_ids"]
+    out, truncated = [], 0
+    for (row, _), ids in zip(rows, encoded):
         if len(ids) > cfg.max_length:
             if cfg.overlong == "reject":
                 raise DataError(f"{file}: row {row}: {len(ids)} tokens is over data.max_length={cfg.max_length}")
             # Keep the end marker ([SEP] for BERT) where the tokenizer adds one: truncate the middle of the text.
             ids = ids[: cfg.max_length - 1] + ids[-1:] if ids[-1] == tokenizer.sep_token_id else ids[: cfg.max_length]
-            report.truncated += 1
-        examples.append(LabelledExample(input_ids=ids, label=label2id[str(label)], row=row, text=text))
-    return examples, report, id2label
+            truncated += 1
+        out.append(ids)
+    return out, truncated
+
+
+def load_texts(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[str], list[list[int]]]:
+    """Texts to predict from a file (data.text_field of each record, every bad record listed) and their ids."""
+    rows = [(row, text) for row, text, _ in read_labelled(path, cfg, labelled=False)]
+    ids, _ = encode_texts(tokenizer, rows, cfg, str(path))
+    return [t for _, t in rows], ids
 
 
 def to_dataset(examples: list[LabelledExample]):

@@ -101,7 +101,6 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from qtune import classify
-    from qtune.data import DataError, read_records
     from qtune.lora import AdapterError, load_adapter
 
     if (args.text is None) == (args.data is None):
@@ -114,15 +113,10 @@ def cmd_predict(args) -> None:
         )
     if args.text is not None:
         texts = [args.text]
+        ids, _ = classify.encode_texts(tokenizer, [(1, args.text)], cfg.data, "--text")
     else:
-        texts = []
-        for row, record in read_records(args.data):
-            text = record.get(cfg.data.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{args.data}: row {row}: field `{cfg.data.text_field}` is missing or empty")
-            texts.append(text)
+        texts, ids = classify.load_texts(args.data, tokenizer, cfg.data)
     id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
-    ids = tokenizer(texts, truncation=True, max_length=cfg.data.max_length)["input_ids"]
     probs = classify.predict_proba(model, tokenizer, ids, cfg.eval.batch_size)
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)

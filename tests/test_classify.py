@@ -208,6 +208,14 @@ def test_predict_and_eval_commands(cls_cfg, tiny_bert_dir, tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == len(TEXTS) and lines[0]["text"] == TEXTS[0][0]
 
+    bad = write(tmp_path / "bad.jsonl", [{"text": "good"}, {"text": ""}, {"txt": "x"}])
+    with pytest.raises(SystemExit):
+        cli(["predict", str(out), "--data", str(bad)])
+    err = capsys.readouterr().err
+    assert (
+        "2 bad record(s)" in err and "row 2: field `text` is empty" in err and "row 3: field `text` is missing" in err
+    )
+
     cli(["eval", str(out), "--data", str(tmp_path / "train.jsonl")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["examples"] == len(TEXTS) and 0 <= result["accuracy"] <= 1 and "macro_f1" in result
