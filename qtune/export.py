@@ -77,9 +77,7 @@ def _staged_folder(out: Path) -> Iterator[Path]:
         os.replace(tmp, out)  # replaces an empty folder at `out`, as rename(2) allows
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(
-            f"writing {out} failed, nothing was written: {e}; free disk space or pick another path"
-        ) from e
+        raise _write_failed(out, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,9 +100,7 @@ def _staged_file(out: Path) -> Iterator[Path]:
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise ExportError(
-            f"writing {out} failed, nothing was written: {e}; free disk space or pick another path"
-        ) from e
+        raise _write_failed(out, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
