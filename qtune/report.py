@@ -20,6 +20,37 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def adapter_meta(
+    kind: str,
+    cfg,
+    base_path,
+    fingerprint: str,
+    train_report,
+    eval_report,
+    result,
+    seconds: float,
+    losses: list[tuple[int, float]],
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The qtune.json of an adapter: what every recipe records, plus the recipe's own `extra` sections."""
+    from qtune.config import to_dict
+
+    versions = library_versions()
+    training = {"steps": result.global_step, "seconds": round(seconds, 1), "train_loss": result.training_loss}
+    return {
+        "qtune_version": versions["qtune"],
+        "kind": kind,
+        "base": {"name": cfg.model.name, "path": str(base_path), "fingerprint": fingerprint},
+        "config": to_dict(cfg),
+        "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
+        "training": {**training, **extra.pop("training", {}), "loss_curve": losses},
+        "metrics": metrics,
+        **extra,
+        "versions": versions,
+    }
+
+
 def loss_points(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, loss) pairs from a trainer's log history."""
     return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e and "step" in e]

@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from qtune import classify, lora, models, report, train
-from qtune.config import RunConfig, to_dict
+from qtune.config import RunConfig
 
 
 def main(cfg: RunConfig) -> Path:
@@ -85,26 +85,24 @@ def main(cfg: RunConfig) -> Path:
         files["confusion.png"] = classify.confusion_png(metrics, f"{out_dir.name}: held-out")
 
     # 5. The adapter folder: plain PEFT files (LoRA + the full head) + qtune.json with the label map.
-    meta = {
-        "qtune_version": report.library_versions()["qtune"],
-        "kind": "sequence-classification",
-        "base": {"name": cfg.model.name, "path": str(base_path), "fingerprint": models.fingerprint_base(base_path)},
-        "config": to_dict(cfg),
-        "labels": {
-            "id2label": {str(k): v for k, v in id2label.items()},
-            "label2id": {v: k for k, v in id2label.items()},
-            "head_modules": head,
-        },
-        "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
-        "training": {
-            "steps": result.global_step,
-            "seconds": round(seconds, 1),
-            "train_loss": result.training_loss,
-            "loss_curve": report.loss_points(trainer.state.log_history),
-        },
-        "metrics": metrics,
-        "versions": report.library_versions(),
+    labels = {
+        "id2label": {str(k): v for k, v in id2label.items()},
+        "label2id": {v: k for k, v in id2label.items()},
+        "head_modules": head,
     }
+    meta = report.adapter_meta(
+        "sequence-classification",
+        cfg,
+        base_path,
+        models.fingerprint_base(base_path),
+        train_report,
+        eval_report,
+        result,
+        seconds,
+        report.loss_points(trainer.state.log_history),
+        metrics,
+        labels=labels,
+    )
     lora.save_adapter(model, out_dir, meta, files=files, overwrite=cfg.output.overwrite)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
     return out_dir

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from qtune import data, evaluate, lora, models, report, train
-from qtune.config import RunConfig, to_dict
+from qtune.config import RunConfig
 
 
 def main(cfg: RunConfig) -> Path:
@@ -75,24 +75,21 @@ def main(cfg: RunConfig) -> Path:
         print("held-out:", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     # 6. The adapter folder: plain PEFT files + qtune.json + loss curve, written atomically.
-    meta = {
-        "qtune_version": report.library_versions()["qtune"],
-        "kind": "causal-lm",
-        "base": {"name": cfg.model.name, "path": str(base_path), "fingerprint": models.fingerprint_base(base_path)},
-        "config": to_dict(cfg),
-        "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
-        "training": {
-            "steps": result.global_step,
-            "seconds": round(seconds, 1),
-            "train_loss": result.training_loss,
-            "trained_tokens": train_report.trained_tokens,
-            "loss_curve": losses,
-        },
-        "metrics": metrics,
-        "samples": samples[:20],
-        "chat_template": tokenizer.chat_template,
-        "versions": report.library_versions(),
-    }
+    meta = report.adapter_meta(
+        "causal-lm",
+        cfg,
+        base_path,
+        models.fingerprint_base(base_path),
+        train_report,
+        eval_report,
+        result,
+        seconds,
+        losses,
+        metrics,
+        training={"trained_tokens": train_report.trained_tokens},
+        samples=samples[:20],
+        chat_template=tokenizer.chat_template,
+    )
     png = report.loss_curve_png(losses, f"{out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}")
     lora.save_adapter(model, out_dir, meta, files={"loss.png": png}, overwrite=cfg.output.overwrite)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
