@@ -153,11 +153,9 @@ def load_texts(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[str],
 
 
 def to_dataset(examples: list[LabelledExample]):
-    import datasets
+    from qtune import data
 
-    return datasets.Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in examples], "labels": [e.label for e in examples]}
-    )
+    return data.to_dataset(examples, labels=[e.label for e in examples])
 
 
 @torch.no_grad()

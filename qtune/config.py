@@ -103,13 +103,23 @@ class TrainConfig:
     )
     seed: int = _help("Seed for data order, dropout and LoRA init.", 42)
     logging_steps: int = _help("Log the loss every N steps.", 5)
+    save_every: int = _help(
+        "Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; 0: never.",
+        50,
+    )
+    keep_checkpoints: int = _help("Complete checkpoints kept while training (older ones are deleted).", 2)
+    on_nonfinite: Literal["stop", "skip"] = _help(
+        "A NaN/inf loss or gradient: stop with the last good weights saved, or skip that optimizer step.", "stop"
+    )
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "logging_steps"):
+        for key in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.max_steps < 0:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be >= 0 (0: no checkpoints), got {self.save_every}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train.max_steps is 0 and train.epochs is not positive: set one of them")
         if self.lr <= 0:
@@ -144,11 +154,17 @@ class OutputConfig:
     dir: str = _help("Parent folder of trained adapters.", "adapters")
     name: str | None = _help("Adapter folder name; default: the config file's stem.", None)
     overwrite: bool = _help("Replace an existing adapter folder of the same name.", False)
+    keep_checkpoints: bool = _help("Keep <dir>/<name>.checkpoints/ after the adapter is written.", False)
 
 
 @dataclass
 class RunConfig:
     recipe: str = _help("Recipe that runs this config: 'sft', 'classify', or a path to your own recipe .py.", "sft")
+    resume: str | None = _help(
+        "'auto': continue from the newest complete checkpoint of this run (or start if there is none); "
+        "or a checkpoint folder. Unset: refuse to start over an interrupted run's checkpoints.",
+        None,
+    )
     model: ModelConfig = _help("Base model.", factory=ModelConfig)
     quant: QuantConfig = _help("Quantization of the base.", factory=QuantConfig)
     lora: LoraConfig = _help("LoRA adapter.", factory=LoraConfig)

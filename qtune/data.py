@@ -447,10 +447,17 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Ex
     return examples, report
 
 
-def to_dataset(examples: list[Example]):
-    """A `datasets.Dataset` of input_ids and labels, the shape trl's SFTTrainer accepts as already tokenized."""
+def to_dataset(examples, labels: list | None = None):
+    """A `datasets.Dataset` of input_ids, labels and source row, the shape trl's SFTTrainer accepts as tokenized.
+
+    `labels` replaces the per-token labels of `Example`s (a classifier's one label per example).
+    """
     import datasets
 
     return datasets.Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "labels": labels if labels is not None else [e.labels for e in examples],
+            "row": [e.row for e in examples],
+        }
     )

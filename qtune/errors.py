@@ -29,4 +29,8 @@ class ExportError(RuntimeError):
     """A merge or export was refused or failed; the message names the file or flag and what to do."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, AdapterError, PlanError, ExportError)
+class TrainingError(RuntimeError):
+    """Training stopped on purpose (a NaN/inf loss or gradient); the message says where and how to go on."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, AdapterError, PlanError, ExportError, TrainingError)

@@ -14,13 +14,12 @@ never re-initialise it. The adapter folder holds the label map and a confusion-m
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 from transformers import set_seed
 
-from qtune import classify, lora, models, report, train
+from qtune import checkpoint, classify, lora, models, report, train
 from qtune.config import RunConfig
 
 
@@ -42,6 +41,9 @@ def main(cfg: RunConfig) -> Path:
     if cfg.train.fit_to_vram:  # choose batch / accumulation / checkpointing that fit the GPU (qtune plan)
         cfg, note = train.fit_to_vram(cfg, base_path, max(len(e.input_ids) for e in train_examples))
         print(note)
+    # Resume an interrupted run (resume=auto), or refuse to start over its checkpoints; before any model loads.
+    fingerprint = models.fingerprint_base(base_path)
+    resume_from = checkpoint.prepare(cfg, checkpoint.identity(cfg, fingerprint, train_report.fingerprint))
 
     # 2. The base with a classification head; LoRA on the backbone, the head (and any other module the
     #    checkpoint lacks) trained in full and saved with the adapter.
@@ -62,14 +64,13 @@ def main(cfg: RunConfig) -> Path:
         f"{trainable:,} trainable of {total:,} parameters"
     )
 
-    # 3. Train.
+    # 3. Train, writing a resumable checkpoint every train.save_every steps (a NaN/inf stops it cleanly).
     print(f"training {train.planned_steps(cfg, len(train_examples))} steps of {cfg.train.batch_size} examples")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qtune-trainer-") as work_dir:
-        trainer = train.build_classification_trainer(
-            model, tokenizer, classify.to_dataset(train_examples), cfg, Path(work_dir)
-        )
-        result = trainer.train()
+    trainer = train.build_classification_trainer(
+        model, tokenizer, classify.to_dataset(train_examples), cfg, checkpoint.root(cfg)
+    )
+    result = train.fit(trainer, resume_from)
     seconds = time.perf_counter() - start
 
     # 4. Held-out metrics: accuracy, macro-F1, per-class precision/recall, confusion matrix.
@@ -94,7 +95,7 @@ def main(cfg: RunConfig) -> Path:
         "sequence-classification",
         cfg,
         base_path,
-        models.fingerprint_base(base_path),
+        fingerprint,
         train_report,
         eval_report,
         result,
@@ -102,7 +103,12 @@ def main(cfg: RunConfig) -> Path:
         report.loss_points(trainer.state.log_history),
         metrics,
         labels=labels,
+        training={
+            "resumed_from_step": checkpoint.step_of(resume_from) if resume_from else None,
+            "nonfinite_skipped": trainer.qtune_guard.events,
+        },
     )
     lora.save_adapter(model, out_dir, meta, files=files, overwrite=cfg.output.overwrite)
+    checkpoint.finish(cfg)  # the adapter is safely written: the run's checkpoints go (unless output.keep_checkpoints)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
     return out_dir

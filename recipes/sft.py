@@ -7,19 +7,19 @@ Copy it to change what it does, then point a config's `recipe:` (or `qtune train
     qtune cp sft my_sft.py
 
 Steps: resolve the base -> read and tokenize the data (every bad record is reported) -> load the
-base quantized -> attach LoRA -> train with trl's SFTTrainer -> evaluate on held-out data -> write
-adapters/<name>/ atomically (plain PEFT files + qtune.json + loss.png).
+base quantized -> attach LoRA -> train with trl's SFTTrainer, checkpointing as it goes -> evaluate on
+held-out data -> write adapters/<name>/ atomically (plain PEFT files + qtune.json + loss.png).
+Interrupted (a crash, a kill, a full disk)? `qtune train CONFIG resume=auto` continues from the last checkpoint.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 from transformers import set_seed
 
-from qtune import data, evaluate, lora, models, report, train
+from qtune import checkpoint, data, evaluate, lora, models, report, train
 from qtune.config import RunConfig
 
 
@@ -44,6 +44,9 @@ def main(cfg: RunConfig) -> Path:
     if cfg.train.fit_to_vram:  # choose batch / accumulation / checkpointing that fit the GPU (qtune plan)
         cfg, note = train.fit_to_vram(cfg, base_path, max(len(e.input_ids) for e in train_examples))
         print(note)
+    # Resume an interrupted run (resume=auto), or refuse to start over its checkpoints; before any model loads.
+    fingerprint = models.fingerprint_base(base_path)
+    resume_from = checkpoint.prepare(cfg, checkpoint.identity(cfg, fingerprint, train_report.fingerprint))
 
     # 3. The base, quantized, prepared for k-bit training; then fresh LoRA adapters on top.
     model = models.load_base(
@@ -56,13 +59,12 @@ def main(cfg: RunConfig) -> Path:
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
 
-    # 4. Train. The trainer's own output folder is scratch space: qtune writes the adapter itself.
+    # 4. Train, writing a resumable checkpoint every train.save_every steps (a NaN/inf stops it cleanly).
     steps = train.planned_steps(cfg, len(train_examples))
     print(f"training {steps} steps of {cfg.train.batch_size}x{cfg.train.grad_accum} examples")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qtune-trainer-") as work_dir:
-        trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(train_examples), cfg, Path(work_dir))
-        result = trainer.train()
+    trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(train_examples), cfg, checkpoint.root(cfg))
+    result = train.fit(trainer, resume_from)
     seconds = time.perf_counter() - start
     losses = report.loss_points(trainer.state.log_history)
 
@@ -79,19 +81,24 @@ def main(cfg: RunConfig) -> Path:
         "causal-lm",
         cfg,
         base_path,
-        models.fingerprint_base(base_path),
+        fingerprint,
         train_report,
         eval_report,
         result,
         seconds,
         losses,
         metrics,
-        training={"trained_tokens": train_report.trained_tokens},
+        training={
+            "trained_tokens": train_report.trained_tokens,
+            "resumed_from_step": checkpoint.step_of(resume_from) if resume_from else None,
+            "nonfinite_skipped": trainer.qtune_guard.events,
+        },
         samples=samples[:20],
         chat_template=tokenizer.chat_template,
     )
     png = report.loss_curve_png(losses, f"{out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}")
     lora.save_adapter(model, out_dir, meta, files={"loss.png": png}, overwrite=cfg.output.overwrite)
+    checkpoint.finish(cfg)  # the adapter is safely written: the run's checkpoints go (unless output.keep_checkpoints)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
     return out_dir
 

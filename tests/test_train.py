@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtune.config import load_config
+from qtune.config import ConfigError, load_config
 from qtune.data import DataConfig, load_examples
+from qtune.errors import TrainingError
 from qtune.lora import AdapterError, load_adapter, read_meta
 from recipes import sft
 from tests.conftest import plain_bnb
@@ -117,16 +118,26 @@ def test_bad_data_fails_before_anything_is_written(run_cfg, tmp_path):
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
 
 
-def test_crash_during_save_leaves_no_adapter_folder(run_cfg, tmp_path, monkeypatch):
+def test_crash_during_save_leaves_no_adapter_folder_and_resume_finishes_it(run_cfg, tmp_path, monkeypatch):
     from qtune import report
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "loss_curve_png", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with monkeypatch.context() as m:
+        m.setattr(report, "loss_curve_png", boom)
+        with pytest.raises(OSError, match="No space left"):
+            sft.main(run_cfg("quant.method=none"))
+    adapters = tmp_path / "adapters"
+    assert not (adapters / "run").exists()
+    # The trained weights are not lost: the final checkpoint is there, and resume=auto only writes the adapter.
+    assert [p.name for p in (adapters / "run.checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    with pytest.raises(ConfigError, match="resume=auto"):
         sft.main(run_cfg("quant.method=none"))
-    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+    out = sft.main(run_cfg("quant.method=none", "resume=auto"))
+    meta = read_meta(out)
+    assert meta["training"]["resumed_from_step"] == 3 and meta["training"]["steps"] == 3
+    assert sorted(p.name for p in adapters.iterdir()) == ["run"]  # the checkpoints went with success
 
 
 def test_full_disk_during_save_keeps_the_previous_adapter(run_cfg, tmp_path, monkeypatch):
@@ -141,9 +152,32 @@ def test_full_disk_during_save_keeps_the_previous_adapter(run_cfg, tmp_path, mon
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
     with pytest.raises(AdapterError, match=r"nothing was written \(the previous adapter there is kept\).*No space"):
-        sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.seed=7"))
+        sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.seed=7", "train.save_every=0"))
     assert (out / "adapter_model.safetensors").read_bytes() == previous
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run", "run.checkpoints"]
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_complete_ones(run_cfg, tmp_path, monkeypatch):
+    import peft.peft_model
+
+    real_save, saves = peft.peft_model.safe_save_file, []
+
+    def full_on_second(tensors, filename, metadata=None):  # the second checkpoint finds the disk full
+        saves.append(filename)
+        if len(saves) == 2:
+            with open(filename, "wb") as f:
+                f.write(b"\x00" * 100)
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_on_second)
+    with pytest.raises(TrainingError, match=r"No space left.*checkpoint-1.*resume=auto"):
+        sft.main(run_cfg("quant.method=none", "train.save_every=1"))
+    folder = tmp_path / "adapters" / "run.checkpoints"
+    assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-1"]
+    monkeypatch.undo()
+    out = sft.main(run_cfg("quant.method=none", "train.save_every=1", "resume=auto"))
+    assert read_meta(out)["training"]["resumed_from_step"] == 1
 
 
 def test_adapter_refuses_a_different_base(run_cfg, tmp_path, tiny_model_dir):

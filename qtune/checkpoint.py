@@ -1,0 +1,187 @@
+"""Resumable checkpoints: written by the trainer, made visible only once complete, found again by `resume=auto`.
+
+One run's checkpoints live beside its adapter, in <output.dir>/<output.name>.checkpoints/:
+    run.json           what the run is: its config, base and data fingerprints. A resume with a
+                       different config, base or data is refused (it would not continue this run).
+    checkpoint-40/     complete checkpoints in transformers' format: adapter_model.safetensors,
+                       optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json (step, log, data position)
+    .incoming/         the trainer writes here; a checkpoint is fsynced and renamed out of it only
+                       when every file is on disk, so a kill mid-write leaves nothing that looks complete.
+After the adapter is written the folder is removed (keep it with output.keep_checkpoints=true).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qtune.config import RunConfig, to_dict
+from qtune.errors import ConfigError
+
+RUN_FILE = "run.json"
+INCOMING = ".incoming"
+# What a resumable checkpoint must hold (the optimizer and scheduler files are what make it resumable).
+REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Settings that may change between the interrupted run and its resume: they do not change what is learned.
+_MAY_DIFFER = {
+    "resume",
+    "output.dir",
+    "output.name",
+    "output.overwrite",
+    "output.keep_checkpoints",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.logging_steps",
+    "train.on_nonfinite",
+    "data.eval",
+    "eval.batch_size",
+    "eval.max_new_tokens",
+    "eval.limit",
+}
+
+
+def root(cfg: RunConfig) -> Path:
+    """The run's checkpoint folder."""
+    return Path(cfg.output.dir) / f"{cfg.output.name}.checkpoints"
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _NAME.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted((p for p in found if all((p / f).is_file() for f in REQUIRED)), key=step_of)
+
+
+def identity(cfg: RunConfig, base_fingerprint: str, data_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed by this run."""
+    return {"config": _flat(to_dict(cfg)), "base": base_fingerprint, "data": data_fingerprint}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" not in _MAY_DIFFER:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    diffs = []
+    if recorded.get("base") != now["base"]:
+        diffs.append("the base model's weights differ (fingerprint)")
+    if recorded.get("data") != now["data"]:
+        diffs.append("the training data file differs (fingerprint)")
+    old, new = recorded.get("config", {}), now["config"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} then, {new.get(key)!r} now")
+    return diffs
+
+
+def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
+    """Decide where training starts, before any model is loaded: the checkpoint to resume from, or None.
+
+    Without `resume`, the checkpoints of an interrupted run are never overwritten: the run is refused.
+    """
+    folder = root(cfg)
+    found = complete(folder)
+    if cfg.resume is None:
+        if found:
+            raise ConfigError(
+                f"{folder} holds checkpoints of an interrupted run (newest: step {step_of(found[-1])}): "
+                "pass resume=auto to continue it, or delete that folder to start over"
+            )
+        _start(folder, run)
+        return None
+    if cfg.resume == "auto":
+        if not found:
+            print(f"resume=auto: no complete checkpoint in {folder}; starting from step 0")
+            _start(folder, run)
+            return None
+        checkpoint = found[-1]
+    else:
+        checkpoint = Path(cfg.resume)
+        if not all((checkpoint / f).is_file() for f in REQUIRED):
+            missing = [f for f in REQUIRED if not (checkpoint / f).is_file()]
+            raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint folder (missing {', '.join(missing)})")
+    recorded_file = checkpoint.parent / RUN_FILE
+    if not recorded_file.is_file():
+        raise ConfigError(f"resume: {recorded_file} is missing; cannot tell which run {checkpoint} belongs to")
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"resume: {recorded_file} is not valid JSON ({e})") from None
+    diffs = _differences(recorded, run)
+    if diffs:
+        raise ConfigError(
+            f"resume: {checkpoint} belongs to a different run; "
+            + "; ".join(diffs)
+            + ". Resume with the same config and data, or delete the checkpoints to start over"
+        )
+    shutil.rmtree(folder / INCOMING, ignore_errors=True)  # a checkpoint the kill interrupted mid-write
+    print(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
+    return checkpoint
+
+
+def _start(folder: Path, run: dict[str, Any]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # only partial leftovers can be here: complete ones were refused
+    folder.mkdir(parents=True)
+    _write_synced(folder / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def promote(written: Path, keep: int) -> Path:
+    """Move a checkpoint the trainer finished writing out of .incoming; delete all but the newest `keep`."""
+    folder = written.parent.parent
+    _fsync_tree(written)
+    final = folder / written.name
+    if final.exists():  # the same step saved twice (a stop and a scheduled save): keep the newer
+        shutil.rmtree(final)
+    os.replace(written, final)
+    _fsync_dir(folder)
+    for old in complete(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def finish(cfg: RunConfig) -> None:
+    """After the adapter is written: remove the run's checkpoints, or only the scratch folder if kept."""
+    folder = root(cfg)
+    shutil.rmtree(folder / INCOMING if cfg.output.keep_checkpoints else folder, ignore_errors=True)
