@@ -95,6 +95,8 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
     """Decide where training starts, before any model is loaded: the checkpoint to resume from, or None.
 
     Without `resume`, the checkpoints of an interrupted run are never overwritten: the run is refused.
+    Only the run's own checkpoints are resumed (their optimizer/scheduler/RNG files are torch files,
+    read with torch.load(weights_only=True) by transformers): a folder from elsewhere is refused.
     """
     folder = root(cfg)
     found = complete(folder)
@@ -112,8 +114,13 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
             _start(folder, run)
             return None
         checkpoint = found[-1]
-    else:
-        checkpoint = Path(cfg.resume)
+    else:  # one of this run's own checkpoints, by name or path: nothing from elsewhere is loaded
+        checkpoint = folder / Path(cfg.resume).name
+        if Path(cfg.resume).parent not in (Path("."), folder) and Path(cfg.resume).resolve().parent != folder.resolve():
+            raise ConfigError(
+                f"resume={cfg.resume}: give auto, or one of this run's checkpoints in {folder} "
+                f"({', '.join(p.name for p in found) or 'none yet'})"
+            )
         if not all((checkpoint / f).is_file() for f in REQUIRED):
             missing = [f for f in REQUIRED if not (checkpoint / f).is_file()]
             raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint folder (missing {', '.join(missing)})")

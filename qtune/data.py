@@ -244,6 +244,9 @@ def _messages_field(value: Any, key: str, errors: list[str], row: int) -> list[d
             errors.append(f"row {row}: field `{where}.role` must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
             return None
         content = m.get("content")
+        if content is None:
+            errors.append(f"row {row}: field `{where}.content` is missing")
+            return None
         if not isinstance(content, str):
             errors.append(f"row {row}: field `{where}.content` must be text, got {type(content).__name__}")
             return None

@@ -154,20 +154,61 @@ def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
 
 
-def checked_base(adapter_dir: str | Path, meta: dict[str, Any], check: bool = True) -> tuple[RunConfig, Path]:
-    """The adapter's resolved config and its base folder, refused if the base's fingerprint differs."""
+def base_identity(base_path: Path) -> dict[str, Any]:
+    """What an adapter records of its base besides the weights' fingerprint: architecture and vocabulary."""
     try:
-        cfg, recorded = from_dict(meta["config"]), meta["base"]["fingerprint"]
+        config = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    text = config.get("text_config") or config
+    return {
+        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+        "vocab_size": text.get("vocab_size", config.get("vocab_size")),
+    }
+
+
+def check_weights(adapter_dir: str | Path) -> None:
+    """Refuse a corrupt or truncated adapter_model.safetensors before anything is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as f:
+            if not list(f.keys()):
+                raise AdapterError(f"{path}: holds no tensors")
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: corrupt or truncated safetensors file ({e}); copy or train it again") from None
+
+
+def checked_base(adapter_dir: str | Path, meta: dict[str, Any], check: bool = True) -> tuple[RunConfig, Path]:
+    """The adapter's resolved config and its base folder, refused if the base differs from the one it was
+    trained on: other weights (fingerprint), another architecture or another vocabulary size.
+
+    `check=False` (`--ignore-base-mismatch` on the command line) is for deliberate cases, e.g. a
+    re-saved copy of the same base.
+    """
+    try:
+        cfg, recorded = from_dict(meta["config"]), meta["base"]
+        fingerprint = recorded["fingerprint"]
     except (KeyError, TypeError) as e:
         raise AdapterError(f"{adapter_dir}/{META_FILE} lacks {e}: not written by this qtune, or edited") from None
     base_path = resolve_base(cfg.model)
-    if check:
-        fingerprint = fingerprint_base(base_path)
-        if fingerprint != recorded:
+    if not check:
+        return cfg, base_path
+    override = "; pass --ignore-base-mismatch (check_base=False) if this is deliberate"
+    now = base_identity(base_path)
+    for key, what in (("architecture", "architecture"), ("vocab_size", "vocabulary size")):
+        if recorded.get(key) is not None and now.get(key) is not None and recorded[key] != now[key]:
             raise AdapterError(
-                f"{adapter_dir} was trained on a base with fingerprint {recorded[:19]}..., "
-                f"but {base_path} has {fingerprint[:19]}...: refusing to use it with a different base"
+                f"{adapter_dir} was trained on a base with {what} {recorded[key]}, but {base_path} has "
+                f"{now[key]}: refusing to load it{override}"
             )
+    if fingerprint_base(base_path) != fingerprint:
+        raise AdapterError(
+            f"{adapter_dir} was trained on a base with fingerprint {fingerprint[:19]}..., "
+            f"but {base_path} has {fingerprint_base(base_path)[:19]}...: refusing to use it with a different "
+            f"base{override}"
+        )
     return cfg, base_path
 
 
@@ -178,6 +219,7 @@ def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base
     before/after comparison). The base is refused if its fingerprint differs from the recorded one.
     """
     meta = read_meta(adapter_dir)
+    check_weights(adapter_dir)
     cfg, base_path = checked_base(adapter_dir, meta, check_base)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     if meta.get("kind") == "sequence-classification":

@@ -171,18 +171,23 @@ def load_base(
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
+    if not model.trust_remote_code:
+        _refuse_model_code(path)
     dtype = DTYPES[model.dtype]
     qconfig = quantization_config(quant, dtype, skip_modules)
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    base = auto_class.from_pretrained(
-        str(path),
-        dtype=dtype,
-        quantization_config=qconfig,
-        device_map=device_map,
-        trust_remote_code=model.trust_remote_code,
-        use_safetensors=True,  # never unpickle weights
-        **model_kwargs,
-    )
+    try:
+        base = auto_class.from_pretrained(
+            str(path),
+            dtype=dtype,
+            quantization_config=qconfig,
+            device_map=device_map,
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+            **model_kwargs,
+        )
+    except (OSError, ValueError) as e:  # no safetensors weights, an unknown architecture, a broken config
+        raise ModelError(f"{path}: cannot load the base model: {e}") from None
     if training:
         if qconfig is not None:
             from peft import prepare_model_for_kbit_training
@@ -194,6 +199,19 @@ def load_base(
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     return base
+
+
+def _refuse_model_code(path: Path) -> None:
+    """A base folder that ships its own model code (config.json `auto_map`) is not run unless asked for."""
+    try:
+        auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return  # transformers reports a missing or broken config itself
+    if auto_map:
+        raise ModelError(
+            f"{path} ships its own model code ({', '.join(sorted(set(map(str, auto_map.values()))))}); qtune does "
+            "not run it unless you set model.trust_remote_code=true (only for code you have read and trust)"
+        )
 
 
 def load_classifier(

@@ -35,13 +35,19 @@ def adapter_meta(
 ) -> dict[str, Any]:
     """The qtune.json of an adapter: what every recipe records, plus the recipe's own `extra` sections."""
     from qtune.config import to_dict
+    from qtune.lora import base_identity
 
     versions = library_versions()
     training = {"steps": result.global_step, "seconds": round(seconds, 1), "train_loss": result.training_loss}
     return {
         "qtune_version": versions["qtune"],
         "kind": kind,
-        "base": {"name": cfg.model.name, "path": str(base_path), "fingerprint": fingerprint},
+        "base": {
+            "name": cfg.model.name,
+            "path": str(base_path),
+            "fingerprint": fingerprint,
+            **base_identity(base_path),
+        },
         "config": to_dict(cfg),
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
         "training": {**training, **extra.pop("training", {}), "loss_curve": losses},

@@ -136,8 +136,12 @@ def test_resume_with_a_different_config_or_data_is_refused(run_args, tmp_path):
     Path(data).write_text(Path(data).read_text() + json.dumps(ROWS[0]) + "\n")
     with pytest.raises(ConfigError, match="training data file differs"):
         sft.main(load_config(None, again))
+    with pytest.raises(ConfigError, match="give auto, or one of this run's checkpoints .*checkpoint-2, checkpoint-4"):
+        sft.main(load_config(None, [*first, "output.overwrite=true", f"resume={tmp_path}"]))  # from elsewhere
     with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
-        sft.main(load_config(None, [*first, "output.overwrite=true", f"resume={tmp_path}"]))
+        sft.main(load_config(None, [*first, "output.overwrite=true", "resume=checkpoint-3"]))
+    with pytest.raises(ConfigError, match="different run"):  # by name, the checkpoint is found and checked
+        sft.main(load_config(None, [*first, "output.overwrite=true", "resume=checkpoint-2"]))
 
 
 def poison(monkeypatch, marker: int) -> None:

@@ -197,6 +197,68 @@ def test_adapter_refuses_a_different_base(run_cfg, tmp_path, tiny_model_dir):
         save_file(weights, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.fixture()
+def adapter_on_own_base(run_cfg, tmp_path):
+    """An adapter trained on a base of its own, which the test may then replace on disk."""
+    from tests.conftest import make_model_folder, make_tokenizer
+
+    base = make_model_folder(tmp_path / "base", make_tokenizer())
+    return sft.main(run_cfg("quant.method=none", f"model.name={base}", "output.name=own")), base
+
+
+@pytest.mark.parametrize(
+    "replacement, message",
+    [
+        ("qwen2", r"architecture LlamaForCausalLM, but .* has Qwen2ForCausalLM"),
+        ("bigger_vocab", r"vocabulary size \d+, but .* has \d+"),
+    ],
+)
+def test_adapter_refuses_another_architecture_or_vocabulary_before_loading(
+    adapter_on_own_base, monkeypatch, replacement, message
+):
+    import shutil
+
+    from qtune import lora
+    from tests.conftest import make_model_folder, make_tokenizer
+
+    out, base = adapter_on_own_base
+    tokenizer = make_tokenizer()
+    if replacement == "bigger_vocab":
+        tokenizer.add_tokens([f"<extra{i}>" for i in range(8)])
+    shutil.rmtree(base)
+    make_model_folder(base, tokenizer, arch="qwen2" if replacement == "qwen2" else "llama")
+    monkeypatch.setattr(lora, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the check"))
+    with pytest.raises(AdapterError, match=message + ".*--ignore-base-mismatch"):
+        load_adapter(out)
+
+
+def test_a_deliberate_base_mismatch_can_be_overridden(adapter_on_own_base):
+    from safetensors.torch import save_file
+
+    out, base = adapter_on_own_base
+    weights = base_weights(base)
+    key = next(iter(weights))
+    weights[key] = weights[key] * 1.001  # e.g. the same base, re-saved after a round trip
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match="different base"):
+        load_adapter(out)
+    model, *_ = load_adapter(out, check_base=False)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_adapter_file_is_a_clear_error_before_loading(adapter_on_own_base, monkeypatch, damage):
+    from qtune import lora
+
+    out, _ = adapter_on_own_base
+    path = out / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    monkeypatch.setattr(lora, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the check"))
+    with pytest.raises(AdapterError, match="corrupt or truncated safetensors"):
+        load_adapter(out)
+
+
 def test_loss_only_on_answers_reaches_the_trainer(run_cfg, tiny_model_dir):
     from qtune.models import load_tokenizer
 
