@@ -225,3 +225,21 @@ def test_predict_and_eval_commands(cls_cfg, tiny_bert_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["generate", str(out), "--prompt", "hi"])
     assert exit_.value.code == 2 and "use `qtune predict" in capsys.readouterr().err
+
+
+def test_classification_resumes_from_a_checkpoint_to_the_same_adapter(cls_cfg, tiny_bert_dir, tmp_path):
+    """The classifier trainer checkpoints too: resumed from the middle, it ends where the full run ends."""
+    import shutil
+
+    from qtune import checkpoint
+
+    full = ["quant.method=none", "train.max_steps=6", "train.batch_size=2", "train.save_every=2"]
+    reference = recipe.main(cls_cfg(tiny_bert_dir, *full, "output.keep_checkpoints=true", "train.keep_checkpoints=3"))
+    folder = reference.parent / "cls.checkpoints"
+    assert [p.name for p in checkpoint.complete(folder)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # A run interrupted after step 2: its folder holds that checkpoint only.
+    shutil.copytree(folder, reference.parent / "cut.checkpoints", ignore=shutil.ignore_patterns("checkpoint-[46]"))
+    resumed = recipe.main(cls_cfg(tiny_bert_dir, *full, "output.name=cut", "resume=auto"))
+    assert json.loads((resumed / "qtune.json").read_text())["training"]["resumed_from_step"] == 2
+    a, b = load_file(str(reference / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
