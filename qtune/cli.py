@@ -67,21 +67,24 @@ def cmd_cp(args) -> None:
 
 def cmd_generate(args) -> None:
     from qtune.evaluate import generate
+    from qtune.hub import resolve_adapter
     from qtune.lora import AdapterError, load_adapter, read_meta
 
-    kind = read_meta(args.adapter).get("kind")
+    adapter = resolve_adapter(args.adapter)
+    kind = read_meta(adapter).get("kind")
     if kind == "sequence-classification":
         raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
-    model, tokenizer, cfg, _ = load_adapter(args.adapter, base_only=args.base_only)
+    model, tokenizer, cfg, _ = load_adapter(adapter, base_only=args.base_only)
     print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
 
 
 def cmd_eval(args) -> None:
     from qtune.data import load_examples
     from qtune.evaluate import evaluate
+    from qtune.hub import resolve_adapter
     from qtune.lora import load_adapter
 
-    model, tokenizer, cfg, meta = load_adapter(args.adapter, base_only=args.base_only)
+    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter), base_only=args.base_only)
     if meta.get("kind") == "sequence-classification":
         from qtune import classify
 
@@ -101,11 +104,12 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from qtune import classify
+    from qtune.hub import resolve_adapter
     from qtune.lora import AdapterError, load_adapter
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text TEXT or --data FILE")
-    model, tokenizer, cfg, meta = load_adapter(args.adapter)
+    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter))
     if meta.get("kind") != "sequence-classification":
         raise AdapterError(
             f"{args.adapter} is a {meta.get('kind')} adapter; predict needs a classification one "
@@ -155,9 +159,10 @@ def cmd_plan(args) -> None:
 
 def cmd_merge(args) -> None:
     from qtune.export import merge
+    from qtune.hub import resolve_adapter
 
     out = merge(
-        args.adapter,
+        resolve_adapter(args.adapter),
         args.out,
         dtype=args.dtype,
         into_quantized=args.into_quantized,
@@ -168,14 +173,44 @@ def cmd_merge(args) -> None:
 
 def cmd_export(args) -> None:
     from qtune import export, gguf_export
+    from qtune.hub import resolve_adapter
 
+    adapter = resolve_adapter(args.adapter)
     if args.format == "peft":
-        out = export.export_peft(args.adapter, args.out)
+        out = export.export_peft(adapter, args.out)
     elif args.format == "gguf":
-        out = gguf_export.export_gguf(args.adapter, args.out, qtype=args.type, dtype=args.dtype)
+        out = gguf_export.export_gguf(adapter, args.out, qtype=args.type, dtype=args.dtype)
     else:
-        out = gguf_export.export_gguf_lora(args.adapter, args.out)
+        out = gguf_export.export_gguf_lora(adapter, args.out)
     print(f"{args.format} export written to {out}")
+
+
+# ---- push to the Hugging Face Hub (qtune/hub.py) ----
+
+
+def cmd_push(args) -> None:
+    from qtune import hub
+
+    result = hub.push(
+        args.adapter,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        out=args.out,
+        license=args.license,
+        datasets=args.dataset,
+        base_model=args.base_model,
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.dry_run:
+        print(f"dry run: {result.folder} holds what `qtune push` would upload to {args.repo_id}:")
+        print(hub.format_files(result.files))
+        return
+    print(hub.format_files(result.files))
+    commit = f"commit {result.commit[:10]}" if result.commit else "no change"
+    print(f"pushed {args.adapter} to {result.url} ({args.revision or 'main'}, {commit})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,14 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cp)
 
     p = sub.add_parser("generate", help="answer a prompt with base + adapter")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
     p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base-only", action="store_true", help="the base without the adapter")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
     p.add_argument("--data", required=True, help="data file in any supported format")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -208,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")
-    p.add_argument("adapter", help="classification adapter folder")
+    p.add_argument("adapter", help="classification adapter folder or hub id (owner/name[@revision])")
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
     p.set_defaults(func=cmd_predict)
@@ -234,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- merge and export (qtune/export.py) ----
     p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
     p.add_argument("out", help="new folder for the merged model (must not exist, or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the adapter's model.dtype")
     p.add_argument(
@@ -246,12 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export for serving: --format peft | gguf | gguf-lora")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
     p.add_argument("out", help="new output folder (peft, gguf) or .gguf file (gguf-lora)")
     p.add_argument("--format", required=True, choices=["peft", "gguf", "gguf-lora"])
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf tensor type (default f16)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="gguf: dtype to merge in")
     p.set_defaults(func=cmd_export)
+
+    # ---- push to the Hugging Face Hub (qtune/hub.py) ----
+    p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
+    p.add_argument("adapter", help="adapter folder (adapters/NAME)")
+    p.add_argument("repo_id", help="hub repo id, owner/name (created if it does not exist)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its own)")
+    p.add_argument("--revision", help="an existing branch to push to (default: main)")
+    p.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded, and stop")
+    p.add_argument("--out", help="--dry-run: the folder to write (default: ADAPTER.hub beside the adapter)")
+    p.add_argument("--license", help="model card license (default: the base's, where qtune knows it)")
+    p.add_argument("--dataset", action="append", help="hub id of a training dataset, for the card (repeatable)")
+    p.add_argument("--base-model", help="hub id of the base, when it was trained from a local folder")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

@@ -269,15 +269,21 @@ def merge(
     return out_dir
 
 
+def adapter_name(adapter_dir: Path, meta: dict[str, Any]) -> str:
+    """The adapter's name: the run's output.name (a hub download's folder is a commit hash), else the folder's."""
+    return (meta.get("config") or {}).get("output", {}).get("name") or Path(adapter_dir).name
+
+
 def _model_card(adapter_dir: Path, meta: dict[str, Any], record: dict[str, Any]) -> str:
     cfg = meta["config"]
+    name = adapter_name(adapter_dir, meta)
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in (meta.get("metrics") or {}).items() if isinstance(v, int | float))
     return (
         f"---\nbase_model: {meta['base']['name']}\nlibrary_name: transformers\ntags: [qtune, lora, merged]\n---\n\n"
-        f"# {adapter_dir.name} (merged)\n\n"
+        f"# {name} (merged)\n\n"
         f"A LoRA adapter merged into its base by `qtune merge`; loads with plain transformers.\n\n"
         f"- base: `{meta['base']['name']}` (fingerprint `{meta['base']['fingerprint']}`)\n"
-        f"- adapter: `{adapter_dir.name}` (fingerprint `{record['merges'][-1]['adapter_fingerprint']}`), "
+        f"- adapter: `{name}` (fingerprint `{record['merges'][-1]['adapter_fingerprint']}`), "
         f"LoRA r={cfg['lora']['r']}, alpha={cfg['lora']['alpha']}, trained on a {cfg['quant']['method']} base\n"
         f"- merged in {record['dtype']}{' into the quantized base' if record['into_quantized'] else ''}\n"
         + (f"- held-out metrics of the adapter: {metrics}\n" if metrics else "")

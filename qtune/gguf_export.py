@@ -22,6 +22,7 @@ from qtune.export import (  # the shared reading, merging and atomic-output part
     _refuse_existing,
     _staged_file,
     _staged_folder,
+    adapter_name,
     merged_model,
     read_adapter,
 )
@@ -110,9 +111,10 @@ def export_gguf(
     _refuse_existing(out_dir)
     _gguf_arch(_base_config(_checked_base(adapter_dir, meta)))  # refuse early, before the merge
     model, tokenizer, meta, _ = merged_model(adapter_dir, dtype=dtype)
-    file_name = f"{adapter_dir.name}-{qtype}.gguf"
+    name = adapter_name(adapter_dir, meta)
+    file_name = f"{name}-{qtype}.gguf"
     with _staged_folder(out_dir) as tmp:
-        write_gguf(model, tokenizer, tmp / file_name, qtype=qtype, name=adapter_dir.name)
+        write_gguf(model, tokenizer, tmp / file_name, qtype=qtype, name=name)
         (tmp / "Modelfile").write_text(ollama_modelfile(file_name, tokenizer, meta["config"]["data"]["system_prompt"]))
     return out_dir
 
@@ -318,7 +320,7 @@ def export_gguf_lora(adapter_dir: str | Path, out_file: str | Path) -> Path:
     with _staged_file(out_file) as tmp:
         writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(adapter_dir.name)
+        writer.add_name(adapter_name(adapter_dir, meta))
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for name, lora_a, lora_b in pairs:
