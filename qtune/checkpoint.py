@@ -106,12 +106,10 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
                 f"{folder} holds checkpoints of an interrupted run (newest: step {step_of(found[-1])}): "
                 "pass resume=auto to continue it, or delete that folder to start over"
             )
-        _start(folder, run)
         return None
     if cfg.resume == "auto":
         if not found:
             print(f"resume=auto: no complete checkpoint in {folder}; starting from step 0")
-            _start(folder, run)
             return None
         checkpoint = found[-1]
     else:  # one of this run's own checkpoints, by name or path: nothing from elsewhere is loaded
@@ -138,12 +136,16 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
             + "; ".join(diffs)
             + ". Resume with the same config and data, or delete the checkpoints to start over"
         )
-    shutil.rmtree(folder / INCOMING, ignore_errors=True)  # a checkpoint the kill interrupted mid-write
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(folder / INCOMING, ignore_errors=True)  # a checkpoint the kill interrupted mid-write
     print(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
     return checkpoint
 
 
-def _start(folder: Path, run: dict[str, Any]) -> None:
+def start(folder: Path, run: dict[str, Any]) -> None:
+    """Right before step 0 of a fresh run: an empty checkpoint folder holding run.json (what `prepare` checks)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prepares the folder
+        return
     shutil.rmtree(folder, ignore_errors=True)  # only partial leftovers can be here: complete ones were refused
     folder.mkdir(parents=True)
     _write_synced(folder / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")

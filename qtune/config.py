@@ -101,6 +101,11 @@ class TrainConfig:
     fit_to_vram: str | None = _help(
         "GPU memory to fit (e.g. 8GB): choose micro-batch, grad_accum and checkpointing from `qtune plan`.", None
     )
+    fsdp: bool = _help(
+        "Shard the base, adapters and optimizer over the processes of a torchrun / accelerate launch (FSDP); "
+        "4-bit weights are then stored in the compute dtype so they shard. Off: each process holds a copy (DDP).",
+        False,
+    )
     seed: int = _help("Seed for data order, dropout and LoRA init.", 42)
     logging_steps: int = _help("Log the loss every N steps.", 5)
     save_every: int = _help(

@@ -120,10 +120,14 @@ def resolve_base(model: ModelConfig | str) -> Path:
         raise ModelError(f"model.name: could not get {name!r} from the hub ({type(e).__name__}: {e})") from None
 
 
-def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+def quantization_config(
+    quant: QuantConfig, compute_dtype: torch.dtype, skip_modules: list[str] | None = None, fsdp: bool = False
+):
     """The bitsandbytes config for `quant.method`, or None for an unquantized base.
 
     `skip_modules` stay in 16-bit: modules that are trained in full (a new classification head).
+    With `fsdp` the packed 4-bit weights are stored as the compute dtype (same bytes), so FSDP can
+    flatten and shard them with the other parameters.
     """
     from transformers import BitsAndBytesConfig
 
@@ -137,7 +141,7 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype, skip_mod
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
     )
 
 
@@ -161,12 +165,13 @@ def load_base(
     gradient_checkpointing: bool = False,
     auto_class=None,
     skip_modules: list[str] | None = None,
+    fsdp: bool = False,
     **model_kwargs,
 ):
     """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference.
 
-    `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left unquantized;
-    `model_kwargs` go to `from_pretrained` (e.g. num_labels, id2label).
+    `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left unquantized; `fsdp` stores
+    4-bit weights so FSDP can shard them; `model_kwargs` go to `from_pretrained` (e.g. num_labels, id2label).
     """
     from transformers import AutoModelForCausalLM
 
@@ -174,8 +179,9 @@ def load_base(
     if not model.trust_remote_code:
         _refuse_model_code(path)
     dtype = DTYPES[model.dtype]
-    qconfig = quantization_config(quant, dtype, skip_modules)
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    qconfig = quantization_config(quant, dtype, skip_modules, fsdp=fsdp)
+    # One whole copy per process: under torchrun / accelerate each process takes the GPU of its LOCAL_RANK.
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
     try:
         base = auto_class.from_pretrained(
             str(path),
@@ -223,6 +229,7 @@ def load_classifier(
     pad_token_id: int | None = None,
     training: bool = False,
     gradient_checkpointing: bool = False,
+    fsdp: bool = False,
 ):
     """Load a base with a sequence-classification head for `id2label`; returns (model, head module names).
 
@@ -240,6 +247,7 @@ def load_classifier(
         gradient_checkpointing=gradient_checkpointing,
         auto_class=AutoModelForSequenceClassification,
         skip_modules=head or None,
+        fsdp=fsdp,
         **labels,
     )
     if base.config.pad_token_id is None:

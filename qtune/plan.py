@@ -90,6 +90,8 @@ class PlanInput:
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer of the LoRA weights.", "adamw")
     dtype: Literal["bf16", "fp16", "fp32"] = _help("Compute dtype (mixed precision unless fp32).", "bf16")
     vram: int | None = _help("GPU memory in bytes to plan against (None: just report).", None)
+    gpus: int = _help("Processes (one per GPU) the run is spread over; the plan is per GPU.", 1)
+    sharding: Literal["ddp", "fsdp"] = _help("Data parallel: a full copy per GPU (ddp) or sharded (fsdp).", "ddp")
     upcast_kbit: bool = _help(
         "Model peft's prepare_model_for_kbit_training (qtune's training path calls it): it casts every "
         "non-quantized weight to fp32. Off for stacks that keep them 16-bit (torchtune, LitGPT).",
@@ -97,7 +99,7 @@ class PlanInput:
     )
 
     def __post_init__(self) -> None:
-        for key, flag in (("seq", "--seq"), ("batch", "--batch"), ("lora_r", "--lora-r")):
+        for key, flag in (("seq", "--seq"), ("batch", "--batch"), ("lora_r", "--lora-r"), ("gpus", "--gpus")):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PlanError(f"{flag} must be a positive integer, got {value!r}")
@@ -105,6 +107,7 @@ class PlanInput:
             ("quant", QUANTS),
             ("optim", ("adamw", "adamw8bit", "paged_adamw8bit")),
             ("dtype", tuple(DTYPE_BYTES)),
+            ("sharding", ("ddp", "fsdp")),
         ):
             if getattr(self, key) not in options:
                 raise PlanError(f"--{key} must be one of {', '.join(options)}; got {getattr(self, key)!r}")
@@ -130,6 +133,7 @@ COMPONENTS = (
     "optimizer states",
     "activations",
     "logits and loss",
+    "data-parallel buffers",
     "CUDA context and allocator headroom",
 )
 CUDA_CONTEXT = 512 * MIB  # CUDA context, cuBLAS workspace and kernels: outside torch's allocator
@@ -194,7 +198,8 @@ class Plan:
         targets = inp.targets if isinstance(inp.targets, str) else ",".join(inp.targets)
         lines = [
             f"{self.arch}: {quant}, seq {inp.seq} x batch {inp.batch}, {inp.dtype}, {inp.optim}, "
-            f"checkpointing {'on' if inp.gradient_checkpointing else 'off'}",
+            f"checkpointing {'on' if inp.gradient_checkpointing else 'off'}"
+            + (f"; per GPU of {inp.gpus} ({inp.sharding})" if inp.gpus > 1 else ""),
             f"LoRA r={inp.lora_r} on {targets}: {self.lora_params:,} trainable parameters",
             "",
         ]
@@ -378,6 +383,17 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
         "activations": activations,
         "logits and loss": logits,
     }
+    parts["data-parallel buffers"] = 0
+    if inp.gpus > 1 and inp.sharding == "ddp":
+        parts["data-parallel buffers"] = 4 * lora_params  # DDP's gradient buckets: a second copy of the gradients
+    elif inp.gpus > 1:
+        # FSDP: weights, gradients and optimizer states are split over the GPUs; in forward and backward
+        # the root unit (embeddings, lm_head, final norm: unquantized) and up to two decoder layers
+        # (the one computing, the one prefetched) are all-gathered in full.
+        layer_unit = (linear_q + linear_16 + parts["quantization constants"] + 4 * lora_params) // layers
+        for key in COMPONENTS[:6]:
+            parts[key] = -(-parts[key] // inp.gpus)
+        parts["data-parallel buffers"] = unquantized + 2 * layer_unit
     parts["CUDA context and allocator headroom"] = CUDA_CONTEXT + int(ALLOCATOR_HEADROOM * sum(parts.values()))
     return parts, lora_params
 

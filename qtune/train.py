@@ -6,6 +6,7 @@ Upstream renames (trl 1 and transformers 5 moved several arguments) are absorbed
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -54,8 +55,42 @@ def _common_args(cfg: RunConfig, work_dir: Path) -> dict:
         activation_checkpointing=False,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
+        **(_fsdp_args(cfg) if t.fsdp else {}),
         remove_unused_columns=True,
     )
+
+
+def _fsdp_args(cfg: RunConfig) -> dict:
+    """FSDP over the launched processes: each transformer block a shard unit; frozen and trained weights mixed."""
+    if not torch.cuda.is_available():
+        # accelerate 1.x turns its FSDP plugin on only for GPU-type launches (MULTI_GPU, ...); on CPU
+        # processes (MULTI_CPU) it would drop it silently and run DDP. Say so instead.
+        raise ConfigError(
+            "train.fsdp=true needs GPUs: accelerate runs FSDP only on accelerators, and on CPU processes it "
+            "would silently fall back to DDP. Drop train.fsdp (CPU processes run DDP)"
+        )
+    return dict(
+        fsdp=True,
+        fsdp_config={
+            "version": 2,  # FSDP2 (per-parameter sharding): frozen 4-bit and trainable LoRA weights mix freely
+            "reshard_after_forward": True,  # full shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer (`_no_split_modules`)
+            "state_dict_type": "FULL_STATE_DICT",  # rank 0 gathers the whole adapter to save it
+            "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": False,  # qtune switches it on itself (non-reentrant), when asked
+        },
+    )
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in rank 0 of a torchrun / accelerate launch: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def sft_args(cfg: RunConfig, work_dir: Path):
@@ -105,15 +140,18 @@ def _with_guards(cls, model, tokenizer, train_dataset, cfg, checkpoints, callbac
     return trainer
 
 
-def fit(trainer, resume_from: Path | None = None):
-    """Train (continuing from a checkpoint if given); a stop on a non-finite loss raises TrainingError."""
-    if resume_from is not None and _finished(trainer, resume_from):
+def fit(trainer, resume_from: Path | None, run: dict):
+    """Train, continuing from a checkpoint if given (else a fresh checkpoint folder records `run`, from
+    qtune.checkpoint.identity); a stop on a non-finite loss raises TrainingError."""
+    from qtune import checkpoint
+
+    if resume_from is None:
+        checkpoint.start(Path(trainer.args.output_dir).parent, run)
+    elif _finished(trainer, resume_from):
         return _restore_finished(trainer, resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as e:  # a full disk or a lost mount, most likely while writing a checkpoint
-        from qtune import checkpoint
-
         folder = Path(trainer.args.output_dir).parent
         kept = [p.name for p in checkpoint.complete(folder)]
         raise TrainingError(
@@ -269,6 +307,7 @@ class CheckpointPromoter(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
+        _barrier()  # every process has written its part (its RNG state) before the folder moves
         if state.is_world_process_zero:
             from qtune import checkpoint
 
@@ -297,6 +336,8 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
         optim=cfg.train.optim,
         dtype=cfg.model.dtype,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gpus=int(os.environ.get("WORLD_SIZE", "1")),  # under torchrun / accelerate: plan per GPU
+        sharding="fsdp" if cfg.train.fsdp else "ddp",
     )
     arch = plan.load_arch(str(base_path))
     try:

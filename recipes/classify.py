@@ -43,7 +43,8 @@ def main(cfg: RunConfig) -> Path:
         print(note)
     # Resume an interrupted run (resume=auto), or refuse to start over its checkpoints; before any model loads.
     fingerprint = models.fingerprint_base(base_path)
-    resume_from = checkpoint.prepare(cfg, checkpoint.identity(cfg, fingerprint, train_report.fingerprint))
+    run = checkpoint.identity(cfg, fingerprint, train_report.fingerprint)
+    resume_from = checkpoint.prepare(cfg, run)
 
     # 2. The base with a classification head; LoRA on the backbone, the head (and any other module the
     #    checkpoint lacks) trained in full and saved with the adapter.
@@ -55,6 +56,7 @@ def main(cfg: RunConfig) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         training=True,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        fsdp=cfg.train.fsdp,
     )
     lora_cfg = dataclasses.replace(cfg.lora, modules_to_save=sorted({*cfg.lora.modules_to_save, *head}))
     model = lora.attach_lora(model, lora_cfg, task_type="SEQ_CLS")
@@ -70,8 +72,10 @@ def main(cfg: RunConfig) -> Path:
     trainer = train.build_classification_trainer(
         model, tokenizer, classify.to_dataset(train_examples), cfg, checkpoint.root(cfg)
     )
-    result = train.fit(trainer, resume_from)
+    result = train.fit(trainer, resume_from, run)
     seconds = time.perf_counter() - start
+    if not train.is_main_process():  # under torchrun / accelerate, rank 0 alone evaluates and writes
+        return out_dir
 
     # 4. Held-out metrics: accuracy, macro-F1, per-class precision/recall, confusion matrix.
     metrics = {}

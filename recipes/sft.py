@@ -46,11 +46,17 @@ def main(cfg: RunConfig) -> Path:
         print(note)
     # Resume an interrupted run (resume=auto), or refuse to start over its checkpoints; before any model loads.
     fingerprint = models.fingerprint_base(base_path)
-    resume_from = checkpoint.prepare(cfg, checkpoint.identity(cfg, fingerprint, train_report.fingerprint))
+    run = checkpoint.identity(cfg, fingerprint, train_report.fingerprint)
+    resume_from = checkpoint.prepare(cfg, run)
 
     # 3. The base, quantized, prepared for k-bit training; then fresh LoRA adapters on top.
     model = models.load_base(
-        base_path, cfg.model, cfg.quant, training=True, gradient_checkpointing=cfg.train.gradient_checkpointing
+        base_path,
+        cfg.model,
+        cfg.quant,
+        training=True,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        fsdp=cfg.train.fsdp,
     )
     model = lora.attach_lora(model, cfg.lora)
     trainable, total = model.get_nb_trainable_parameters()
@@ -64,8 +70,10 @@ def main(cfg: RunConfig) -> Path:
     print(f"training {steps} steps of {cfg.train.batch_size}x{cfg.train.grad_accum} examples")
     start = time.perf_counter()
     trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(train_examples), cfg, checkpoint.root(cfg))
-    result = train.fit(trainer, resume_from)
+    result = train.fit(trainer, resume_from, run)
     seconds = time.perf_counter() - start
+    if not train.is_main_process():  # under torchrun / accelerate, rank 0 alone evaluates and writes
+        return out_dir
     losses = report.loss_points(trainer.state.log_history)
 
     # 5. Held-out evaluation: loss, perplexity, and exact-match accuracy of generated answers.

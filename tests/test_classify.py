@@ -241,5 +241,6 @@ def test_classification_resumes_from_a_checkpoint_to_the_same_adapter(cls_cfg, t
     shutil.copytree(folder, reference.parent / "cut.checkpoints", ignore=shutil.ignore_patterns("checkpoint-[46]"))
     resumed = recipe.main(cls_cfg(tiny_bert_dir, *full, "output.name=cut", "resume=auto"))
     assert json.loads((resumed / "qtune.json").read_text())["training"]["resumed_from_step"] == 2
-    a, b = load_file(str(reference / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    a = load_file(str(reference / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -452,3 +452,30 @@ def test_embedded_smollm2_nf4_footprint_is_exact(tmp_path, monkeypatch):
     model = _load(folder, "nf4", True)
     assert weight_bytes(arch, "nf4", True, "bf16") == model.get_memory_footprint()
     assert quant_constant_bytes(arch, "nf4", True) == _quant_state_bytes(model)
+
+
+def test_data_parallel_and_fsdp_plans_are_per_gpu():
+    arch = load_arch("llama-2-7b")
+    one = estimate(arch, PlanInput(seq=2048))
+    ddp = estimate(arch, PlanInput(seq=2048, gpus=2, sharding="ddp"))
+    fsdp2 = estimate(arch, PlanInput(seq=2048, gpus=2, sharding="fsdp"))
+    fsdp4 = estimate(arch, PlanInput(seq=2048, gpus=4, sharding="fsdp"))
+    # DDP: a full copy per GPU, plus the gradient buckets (one more copy of the LoRA gradients).
+    assert ddp.breakdown["data-parallel buffers"] == one.breakdown["LoRA gradients"] > 0
+    assert ddp.total > one.total
+    # FSDP: weights, gradients and optimizer states split; activations are per GPU and stay.
+    for key in ("quantized weights", "optimizer states", "LoRA gradients"):
+        assert fsdp2.breakdown[key] == -(-one.breakdown[key] // 2)
+        assert fsdp4.breakdown[key] == -(-one.breakdown[key] // 4)
+    assert fsdp2.breakdown["activations"] == one.breakdown["activations"]
+    assert one.total > fsdp2.total > fsdp4.total
+    # The gathered units (embeddings + lm_head + two layers) are counted: 4 GPUs save less than 4x.
+    assert fsdp4.breakdown["data-parallel buffers"] > one.breakdown["16-bit weights"]
+    assert estimate(arch, PlanInput(seq=2048, gpus=1, sharding="fsdp")).total == one.total
+    assert "per GPU of 2 (fsdp)" in fsdp2.format()
+
+
+@pytest.mark.parametrize("kwargs, flag", [({"gpus": 0}, "--gpus"), ({"sharding": "zero3"}, "--sharding")])
+def test_bad_parallel_inputs_name_the_flag(kwargs, flag):
+    with pytest.raises(PlanError, match=flag):
+        PlanInput(**kwargs)
