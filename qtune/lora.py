@@ -84,11 +84,17 @@ def staging_dir(out: Path) -> Path:
 
 
 def save_adapter(
-    model, out_dir: Path, meta: dict[str, Any], files: dict[str, bytes] | None = None, overwrite: bool = False
+    model,
+    out_dir: Path,
+    meta: dict[str, Any],
+    files: dict[str, bytes] | None = None,
+    overwrite: bool = False,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write the adapter folder atomically: all files under a temporary name, then one rename.
 
     An existing folder is replaced only with `overwrite`, and only after the new one is complete.
+    `state_dict`: the model's full weights when they are sharded (FSDP; train.gathered_weights).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +103,7 @@ def save_adapter(
     tmp = staging_dir(out_dir)
     old = None
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         check_head_saved(tmp, meta.get("labels", {}).get("head_modules", []))
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)

@@ -169,6 +169,15 @@ def fit(trainer, resume_from: Path | None, run: dict):
     return result
 
 
+def gathered_weights(trainer) -> dict | None:
+    """Under FSDP: the full (unsharded) weights, gathered on rank 0 for saving; every process must call
+    it. None when the model is not sharded (its own state is already whole).
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
 def _finished(trainer, checkpoint_dir: Path) -> bool:
     """Whether the checkpoint is the run's last step (the crash came after training: in evaluation or saving)."""
     from transformers import TrainerState

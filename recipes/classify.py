@@ -74,13 +74,16 @@ def main(cfg: RunConfig) -> Path:
     )
     result = train.fit(trainer, resume_from, run)
     seconds = time.perf_counter() - start
+    weights = train.gathered_weights(trainer)  # under FSDP every process helps gather the sharded weights
     if not train.is_main_process():  # under torchrun / accelerate, rank 0 alone evaluates and writes
         return out_dir
 
     # 4. Held-out metrics: accuracy, macro-F1, per-class precision/recall, confusion matrix.
     metrics = {}
     files = {"loss.png": report.loss_curve_png(report.loss_points(trainer.state.log_history), out_dir.name)}
-    if eval_examples:
+    if eval_examples and cfg.train.fsdp:  # a sharded model cannot run on rank 0 alone
+        print(f"held-out evaluation skipped under FSDP: run `qtune eval {out_dir} --data {cfg.data.eval}`")
+    elif eval_examples:
         metrics = classify.evaluate(model, tokenizer, eval_examples, id2label, cfg.eval.batch_size, "held-out")
         print(
             f"held-out: accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
@@ -112,7 +115,7 @@ def main(cfg: RunConfig) -> Path:
             "nonfinite_skipped": trainer.qtune_guard.events,
         },
     )
-    lora.save_adapter(model, out_dir, meta, files=files, overwrite=cfg.output.overwrite)
+    lora.save_adapter(model, out_dir, meta, files=files, overwrite=cfg.output.overwrite, state_dict=weights)
     checkpoint.finish(cfg)  # the adapter is safely written: the run's checkpoints go (unless output.keep_checkpoints)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
     return out_dir

@@ -72,13 +72,16 @@ def main(cfg: RunConfig) -> Path:
     trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(train_examples), cfg, checkpoint.root(cfg))
     result = train.fit(trainer, resume_from, run)
     seconds = time.perf_counter() - start
+    weights = train.gathered_weights(trainer)  # under FSDP every process helps gather the sharded weights
     if not train.is_main_process():  # under torchrun / accelerate, rank 0 alone evaluates and writes
         return out_dir
     losses = report.loss_points(trainer.state.log_history)
 
     # 5. Held-out evaluation: loss, perplexity, and exact-match accuracy of generated answers.
     metrics, samples = {}, []
-    if eval_examples:
+    if eval_examples and cfg.train.fsdp:  # a sharded model cannot run on rank 0 alone
+        print(f"held-out evaluation skipped under FSDP: run `qtune eval {out_dir} --data {cfg.data.eval}`")
+    elif eval_examples:
         metrics, samples = evaluate.evaluate(
             model, tokenizer, eval_examples, cfg.eval.batch_size, cfg.eval.max_new_tokens, label="held-out"
         )
@@ -105,7 +108,7 @@ def main(cfg: RunConfig) -> Path:
         chat_template=tokenizer.chat_template,
     )
     png = report.loss_curve_png(losses, f"{out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}")
-    lora.save_adapter(model, out_dir, meta, files={"loss.png": png}, overwrite=cfg.output.overwrite)
+    lora.save_adapter(model, out_dir, meta, files={"loss.png": png}, overwrite=cfg.output.overwrite, state_dict=weights)
     checkpoint.finish(cfg)  # the adapter is safely written: the run's checkpoints go (unless output.keep_checkpoints)
     print(f"adapter written to {out_dir} ({seconds:.0f} s of training)")
     return out_dir
