@@ -12,6 +12,7 @@ from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 BUILTIN_RECIPES = ("sft", "classify")
+IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
 
 
 def _recipe_main(recipe: str):
@@ -74,7 +75,7 @@ def cmd_generate(args) -> None:
     kind = read_meta(adapter).get("kind")
     if kind == "sequence-classification":
         raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
-    model, tokenizer, cfg, _ = load_adapter(adapter, base_only=args.base_only)
+    model, tokenizer, cfg, _ = load_adapter(adapter, base_only=args.base_only, check_base=not args.ignore_base_mismatch)
     print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
 
 
@@ -84,7 +85,9 @@ def cmd_eval(args) -> None:
     from qtune.hub import resolve_adapter
     from qtune.lora import load_adapter
 
-    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter), base_only=args.base_only)
+    model, tokenizer, cfg, meta = load_adapter(
+        resolve_adapter(args.adapter), base_only=args.base_only, check_base=not args.ignore_base_mismatch
+    )
     if meta.get("kind") == "sequence-classification":
         from qtune import classify
 
@@ -109,7 +112,7 @@ def cmd_predict(args) -> None:
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text TEXT or --data FILE")
-    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter))
+    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter), check_base=not args.ignore_base_mismatch)
     if meta.get("kind") != "sequence-classification":
         raise AdapterError(
             f"{args.adapter} is a {meta.get('kind')} adapter; predict needs a classification one "
@@ -149,6 +152,8 @@ def cmd_plan(args) -> None:
         optim=args.optim,
         dtype=args.dtype,
         vram=plan.parse_bytes(args.vram) if args.vram else None,
+        gpus=args.gpus,
+        sharding=args.sharding,
     )
     result = plan.estimate(plan.load_arch(args.model), inp)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
@@ -232,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base-only", action="store_true", help="the base without the adapter")
+    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
@@ -240,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
+    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")
     p.add_argument("adapter", help="classification adapter folder or hub id (owner/name[@revision])")
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
+    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("plan", help="will this run fit my GPU? memory breakdown from the model config alone")
@@ -264,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
     p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--gpus", type=_positive_int("--gpus"), default=1, help="GPUs the run spreads over (per-GPU plan)")
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp", help="a copy per GPU, or FSDP-sharded")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

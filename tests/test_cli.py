@@ -175,3 +175,34 @@ def test_fit_to_vram_that_cannot_be_met_names_the_keys(workspace, capsys):
     err = capsys.readouterr().err
     assert "error: train.fit_to_vram=1MiB cannot be met" in err and "data.max_length" in err
     assert not (workspace / "adapters").exists()
+
+
+def test_plan_per_gpu_flags(capsys):
+    main(["plan", "llama-2-7b", "--gpus", "2", "--sharding", "fsdp", "--json"])
+    fsdp = json.loads(capsys.readouterr().out)
+    main(["plan", "llama-2-7b", "--json"])
+    one = json.loads(capsys.readouterr().out)
+    assert fsdp["input"]["gpus"] == 2 and fsdp["total"] < one["total"]
+    with pytest.raises(SystemExit):
+        main(["plan", "llama-2-7b", "--gpus", "0"])
+    assert "--gpus must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_a_changed_base_is_refused_unless_the_mismatch_is_ignored(workspace, capsys, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    main(["train", "run.yaml", "lora.r=2"])
+    adapter = str(workspace / "adapters" / "run")
+    capsys.readouterr()
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    changed = {k: v * 1.001 if i == 0 else v for i, (k, v) in enumerate(original.items())}
+    save_file(changed, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", adapter, "--prompt", "hello", "--max-new-tokens", "2"])
+        assert exit_.value.code == 2 and "--ignore-base-mismatch" in capsys.readouterr().err
+        main(["generate", adapter, "--prompt", "hello", "--max-new-tokens", "2", "--ignore-base-mismatch"])
+        captured = capsys.readouterr()
+        assert captured.out.endswith("\n") and "error" not in captured.err  # generated (possibly empty) text
+    finally:
+        save_file(original, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
