@@ -20,6 +20,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def hardware() -> dict[str, Any]:
+    """Where the run trained: the GPU(s) or the CPU, and the number of processes."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": device, "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
 def adapter_meta(
     kind: str,
     cfg,
@@ -52,6 +65,7 @@ def adapter_meta(
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
         "training": {**training, **extra.pop("training", {}), "loss_curve": losses},
         "metrics": metrics,
+        "hardware": hardware(),
         **extra,
         "versions": versions,
     }

@@ -117,7 +117,9 @@ def test_the_run_report_counts_truncated_dropped_and_duplicate_rows(tmp_path, ti
             ],
         )
     )
-    report = read_meta(out)["data"]["train"]
+    meta = read_meta(out)
+    assert meta["hardware"]["processes"] == 1 and "cores" in meta["hardware"]["device"]  # where it trained
+    report = meta["data"]["train"]
     assert report["records"] == 5 and report["examples"] == 4
     assert report["truncated"] == 2 and report["dropped_no_target"] == [3] and report["duplicates"] == 2
 
