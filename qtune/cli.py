@@ -190,6 +190,30 @@ def cmd_export(args) -> None:
     print(f"{args.format} export written to {out}")
 
 
+# ---- serve (qtune/serve.py) ----
+
+
+def cmd_serve(args) -> None:
+    import os
+
+    from qtune.serve import serve
+
+    serve(
+        args.base,
+        args.adapters,
+        host=args.host,
+        port=args.port,
+        quant=args.quant,
+        dtype=args.dtype,
+        token=args.token or os.environ.get("QTUNE_SERVE_TOKEN") or None,
+        max_adapters=args.max_adapters,
+        max_adapter_memory=args.max_adapter_memory,
+        max_batch=args.max_batch,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+
+
 # ---- push to the Hugging Face Hub (qtune/hub.py) ----
 
 
@@ -297,6 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf tensor type (default f16)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="gguf: dtype to merge in")
     p.set_defaults(func=cmd_export)
+
+    # ---- serve (qtune/serve.py) ----
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters, mixed-adapter batches")
+    p.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m, a local HF folder, or a hub id")
+    p.add_argument("--adapters", default=None, help="folder whose subfolders are adapters (model name = subfolder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback needs --token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4", help="how the base is stored")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--token", default=None, help="bearer token for the admin routes (default: $QTUNE_SERVE_TOKEN)")
+    p.add_argument("--max-adapters", type=_positive_int("--max-adapters"), default=8, help="resident at once (LRU)")
+    p.add_argument("--max-adapter-memory", default=None, help="budget for resident adapter weights, e.g. 512MB")
+    p.add_argument("--max-batch", type=_positive_int("--max-batch"), default=16, help="rows decoded together")
+    p.add_argument("--max-tokens-limit", type=_positive_int("--max-tokens-limit"), default=512, help="per request")
+    p.add_argument("--max-prompt-tokens", type=_positive_int("--max-prompt-tokens"), default=None, help="per request")
+    p.set_defaults(func=cmd_serve)
 
     # ---- push to the Hugging Face Hub (qtune/hub.py) ----
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")

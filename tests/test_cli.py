@@ -206,3 +206,21 @@ def test_a_changed_base_is_refused_unless_the_mismatch_is_ignored(workspace, cap
         assert captured.out.endswith("\n") and "error" not in captured.err  # generated (possibly empty) text
     finally:
         save_file(original, str(tiny_model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: set --token"),
+        (["serve", "--adapters", "no/such/folder"], "no/such/folder"),
+        (["serve", "--max-adapter-memory", "lots"], "--max-adapter-memory"),
+    ],
+)
+def test_serve_refuses_bad_flags_before_loading_anything(capsys, argv, message, monkeypatch):
+    from qtune import pool
+
+    monkeypatch.setattr(pool, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and message in err
