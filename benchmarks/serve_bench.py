@@ -136,7 +136,7 @@ def throughput(pool, names: list[str], max_tokens: int, max_batch: int, concurre
 
 
 def switch_cost(pool, names: list[str], max_tokens: int, repeats: int = 3) -> dict:
-    from qtune.pool import BASE, Row, Sampling
+    from qtune.decode import BASE, Row, Sampling
 
     def batch(adapters: list[str]) -> float:
         rows = [

@@ -7,11 +7,8 @@
             Row("base", pool.encode("Once upon a time"), Sampling(temperature=0.8, seed=1))]
     pool.generate(rows)                                          # one batch; rows[i].text, .finish_reason
 
-Rows are decoded step by step (prefill, then one token per step with a KV cache) through peft's
-`adapter_names`, so each row runs its own adapter ("__base__" for the plain base) inside one forward
-pass, samples with its own temperature / top_p / seed, and stops on its own stop strings, token budget,
-or cancellation; finished rows leave the batch at once. Greedy rows give the same tokens as the row run
-alone: the batch only adds left padding that attention masks out (checked by tests/test_pool.py).
+Rows are decoded step by step in one batch, each through its own adapter (see qtune/decode.py); the pool
+loads the adapters they name and pins them while their rows run.
 
 Adapters are *registered* (name -> folder) and *resident* (weights in memory). At most `max_adapters`
 (and, if set, `max_adapter_bytes` of adapter weights) are resident; loading another evicts the least
@@ -25,90 +22,23 @@ one per (base folder, quantization, dtype, number of labels), loaded from the ad
 
 from __future__ import annotations
 
-import json
-import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from qtune.adapter_info import AdapterInfo, adapter_folder, check_fits, inspect_adapter
 from qtune.config import ModelConfig, QuantConfig
+from qtune.decode import BASE, PEFT_BASE, Batch, Row, joinable, merge, prefill, step
+from qtune.decode import Sampling as Sampling  # re-exported: callers build their rows from qtune.pool
 from qtune.errors import AdapterError, ConfigError
-from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, check_head_saved, checked_base, read_meta
+from qtune.lora import ADAPTER_CONFIG, checked_base, read_meta
 from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
-
-BASE = "base"  # the name a caller uses for the base alone
-PEFT_BASE = "__base__"  # the name peft uses for a row without an adapter
-
-
-def adapter_folder(spec: str | Path) -> Path:
-    """Where an adapter spec (a folder, or a hub id owner/name[@revision]) lies on disk."""
-    from qtune.hub import resolve_adapter
-
-    path = resolve_adapter(spec, require_meta=False)
-    if not path.is_dir():
-        raise AdapterError(f"{spec}: no such adapter folder")
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-        raise AdapterError(f"{path}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT adapter folder)")
-    return path
-
-
-@dataclass
-class Sampling:
-    """How one row picks its tokens; temperature 0 is greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Row:
-    """One prompt to complete with one adapter; the decode loop fills in the output fields."""
-
-    adapter: str
-    prompt_ids: list[int]
-    sampling: Sampling = field(default_factory=Sampling)
-    # output
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    sent: int = 0  # characters of `text` already handed out as stream deltas
-    cancelled: bool = False  # set from any thread; the row leaves the batch at the next step
-    error: str | None = None  # why, when finish_reason is "error"
-    generator: torch.Generator | None = field(default=None, repr=False)  # its own random stream
-
-    def stream_text(self) -> str:
-        """The part of `text` that is final: not a possible start of a stop string, nor half a character."""
-        if self.finish_reason is not None:
-            return self.text
-        text = self.text.rstrip("\ufffd")
-        for stop in self.sampling.stop:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    text = text[:-k]
-                    break
-        return text
-
-
-@dataclass
-class AdapterInfo:
-    name: str
-    path: Path
-    kind: Literal["causal-lm", "sequence-classification"]
-    source: Literal["qtune", "peft"]
-    bytes: int
-    system_prompt: str | None = None
-    id2label: dict[int, str] | None = None
-    group: tuple | None = None  # classification: which classifier base it sits on
-    loads: int = 0  # how many times its weights were read (reloads after eviction count)
 
 
 @dataclass
@@ -174,7 +104,7 @@ class AdapterPool:
         with self._lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first")
-            info = self._inspect(name, adapter_folder(spec))
+            info = inspect_adapter(name, adapter_folder(spec), self.base_path, lambda: self.fingerprint)
             self.adapters[name] = info
             if load:
                 try:
@@ -209,33 +139,6 @@ class AdapterPool:
                 self._evict(name)
             del self.adapters[name]
 
-    def _inspect(self, name: str, path: Path) -> AdapterInfo:
-        """Read what kind of adapter a folder holds, and refuse one made for another base."""
-        size = (path / ADAPTER_WEIGHTS).stat().st_size
-        if not (path / META_FILE).is_file():  # plain PEFT: the base is checked when peft loads it
-            config = json.loads((path / ADAPTER_CONFIG).read_text())
-            if config.get("task_type") not in (None, "CAUSAL_LM"):
-                raise AdapterError(
-                    f"{path}: a plain PEFT adapter for {config['task_type']}; only CAUSAL_LM ones can be served "
-                    "without a qtune.json (classification adapters need qtune's label map and base)"
-                )
-            return AdapterInfo(name, path, "causal-lm", "peft", size)
-        meta = read_meta(path)
-        kind = meta.get("kind", "causal-lm")
-        cfg, base_path = checked_base(path, meta, check=kind == "sequence-classification")
-        if kind == "sequence-classification":
-            id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
-            check_head_saved(path, meta["labels"]["head_modules"])
-            group = (str(base_path), cfg.quant.method, cfg.model.dtype, len(id2label))
-            return AdapterInfo(name, path, kind, "qtune", size, id2label=id2label, group=group)
-        recorded = meta["base"]["fingerprint"]
-        if recorded != self.fingerprint:
-            raise AdapterError(
-                f"{path} was trained on a base with fingerprint {recorded[:19]}..., but the served base "
-                f"{self.base_path} has {self.fingerprint[:19]}...: serve it with its own base ({cfg.model.name})"
-            )
-        return AdapterInfo(name, path, "causal-lm", "qtune", size, system_prompt=cfg.data.system_prompt)
-
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -263,6 +166,13 @@ class AdapterPool:
                 self.load_seconds.append(time.perf_counter() - start)
                 self.resident[name] = None
 
+    def fits(self, names: Iterable[str]) -> bool:
+        """Could these adapters be resident at once (within max_adapters and max_adapter_bytes)?"""
+        wanted = {n for n in names if n != BASE}
+        size = sum(self.adapters[n].bytes for n in wanted if n in self.adapters)
+        budget = self.max_adapter_bytes
+        return len(wanted) <= self.max_adapters and (budget is None or size <= budget)
+
     def _make_room(self, incoming: int, keep: set[str]) -> None:
         def over() -> bool:
             used = sum(self.adapters[n].bytes for n in self.resident)
@@ -287,7 +197,7 @@ class AdapterPool:
 
         if info.kind == "causal-lm":
             # Checked before peft touches the model: a load that fails halfway leaves layers injected.
-            _check_fits(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, info.path)
+            check_fits(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, info.path)
         try:
             if info.kind == "sequence-classification":
                 group = self.classifiers.get(info.group)
@@ -381,14 +291,14 @@ class AdapterPool:
                             if on_step is not None:
                                 on_step(incoming)
                             fresh = None
-                        batch = fresh if batch is None else _merge(batch, fresh) if fresh is not None else batch
+                        batch = fresh if batch is None else merge(batch, fresh) if fresh is not None else batch
                     first = False
                     if batch is not None:
                         batch = self._step(batch, on_step)
                     self._release(held)
                     running = 0 if batch is None else len(batch.rows)
-                    joinable = batch is None or _joinable(batch.cache)
-                    incoming = admit(running) if admit is not None and joinable else []
+                    can_join = batch is None or joinable(batch.cache)
+                    incoming = admit(running) if admit is not None and can_join else []
                     if batch is None and not incoming:
                         return rows
             finally:
@@ -410,7 +320,7 @@ class AdapterPool:
         if info is not None and info.kind != "causal-lm":
             raise AdapterError(f"{row.adapter!r} is a {info.kind} adapter, not a text-generation adapter")
 
-    def _start(self, rows: list[Row], on_step, held: dict[int, Row]) -> _Batch | None:
+    def _start(self, rows: list[Row], on_step, held: dict[int, Row]) -> Batch | None:
         """Prefill new rows (their adapters loaded and pinned): their first token, and a batch ready to step."""
         for row in rows:
             self._check_row(row)
@@ -424,67 +334,10 @@ class AdapterPool:
             held[id(r)] = r
         if not rows:
             return None
-        device = next(self.model.parameters()).device
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-            r.generator = _generator(r.sampling.seed)
-        mask = mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self._step(_Batch(rows, None, mask, positions, ids.to(device)), on_step)
+        return self._step(prefill(self.model, rows, self.tokenizer.pad_token_id), on_step)
 
-    def _step(self, batch: _Batch, on_step) -> _Batch | None:
-        """One forward pass: a token for every row; finished and cancelled rows leave; None when none is left."""
-        from peft import PeftModel
-
-        names = [PEFT_BASE if r.adapter == BASE else r.adapter for r in batch.rows]
-        extra = {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
-        out = self.model(
-            input_ids=batch.ids,
-            attention_mask=batch.mask,
-            position_ids=batch.positions,
-            cache=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        logits = out.logits[:, -1, :].float()
-        next_ids = [_pick(logits[i], r.sampling, r.generator) for i, r in enumerate(batch.rows)]
-        for r, token in zip(batch.rows, next_ids):
-            self._append(r, token)
-        if on_step is not None:
-            on_step(batch.rows)
-        for r in batch.rows:
-            if r.finish_reason is None and r.cancelled:
-                r.finish_reason = "cancelled"
-        keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
-        if not keep:
-            return None
-        cache, mask, positions = out.cache, batch.mask, batch.positions
-        if len(keep) < len(batch.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-            cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-        ids = torch.tensor([next_ids[i] for i in keep], dtype=torch.long, device=mask.device).unsqueeze(1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return _trim(_Batch([batch.rows[i] for i in keep], cache, mask, positions[:, -1:] + 1, ids))
-
-    def _append(self, row: Row, token: int) -> None:
-        if token in self.eos_ids:
-            row.finish_reason = "stop"
-            return
-        row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        cut = min((i for i in (row.text.find(s) for s in row.sampling.stop if s) if i >= 0), default=-1)
-        if cut >= 0:
-            row.text, row.finish_reason = row.text[:cut], "stop"
-        elif len(row.tokens) >= row.sampling.max_tokens:
-            row.finish_reason = "length"
-        elif self.context is not None and len(row.prompt_ids) + len(row.tokens) >= self.context:
-            row.finish_reason = "length"
+    def _step(self, batch: Batch, on_step) -> Batch | None:
+        return step(self.model, batch, self.tokenizer, self.eos_ids, self.context, on_step)
 
     # ---------------------------------------------------------------- classification
 
@@ -522,96 +375,3 @@ class AdapterPool:
                     p = {id2label[k]: float(v) for k, v in enumerate(probs[row].tolist())}
                     out[i] = {"label": max(p, key=p.get), "probabilities": p}
         return out
-
-
-@dataclass
-class _Batch:
-    """Rows being decoded: their KV cache, attention mask (one column ahead of the cache), next positions and ids."""
-
-    rows: list[Row]
-    cache: Any
-    mask: torch.Tensor
-    positions: torch.Tensor
-    ids: torch.Tensor
-
-
-def _joinable(cache) -> bool:
-    """Can rows be appended to this cache? Only plain dynamic layers (keys/values of shape B x H x T x D) are
-    padded and concatenated here; other cache kinds (sliding windows, static, ...) finish their batch first."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _merge(a: _Batch, b: _Batch) -> _Batch:
-    """One batch of both: the shorter history is left-padded (masked out), so every row keeps its positions."""
-    if not (_joinable(a.cache) and _joinable(b.cache)):
-        raise AdapterError("internal: joining rows needs dynamic caches")  # _joinable was checked before admitting
-    width = max(a.mask.shape[1], b.mask.shape[1])
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([_left_pad(la.keys, width - 1, 2), _left_pad(lb.keys, width - 1, 2)])
-        la.values = torch.cat([_left_pad(la.values, width - 1, 2), _left_pad(lb.values, width - 1, 2)])
-    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)])
-    return _Batch(a.rows + b.rows, a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.ids, b.ids]))
-
-
-def _trim(batch: _Batch) -> _Batch:
-    """Drop leading columns that are padding in every row (left behind by rows that finished)."""
-    if not _joinable(batch.cache):
-        return batch
-    lead = int((batch.mask.sum(0) > 0).int().argmax())
-    if lead == 0:
-        return batch
-    for layer in batch.cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-    batch.mask = batch.mask[:, lead:]
-    return batch
-
-
-def _check_fits(model, folder: Path) -> None:
-    """Refuse an adapter whose LoRA matrices name modules the model lacks, or have other shapes than its layers."""
-    from safetensors import safe_open
-
-    modules = dict(model.named_modules())
-    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
-        for key in f.keys():
-            for part, dim, attr in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
-                if part not in key:
-                    continue
-                path = key.split(part)[0].removeprefix("base_model.model.")
-                if path not in modules:
-                    raise AdapterError(f"{folder}: the adapter adapts `{path}`, which the served base does not have")
-                expected = getattr(modules[path], attr, None)
-                got = f.get_slice(key).get_shape()[dim]
-                if expected is not None and expected != got:
-                    raise AdapterError(
-                        f"{folder}: `{path}` has {attr}={expected} in the served base but {got} in the adapter: "
-                        "it was made for another base"
-                    )
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
-
-
-def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
-    """The next token of one row: argmax at temperature 0, else a sample from the top-p nucleus."""
-    if s.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.cpu() / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest prefix reaching top_p
-        outside[0] = False  # and at least the likeliest token (top_p=0)
-        sorted_p[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))

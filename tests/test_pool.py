@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from qtune.config import LoraConfig, ModelConfig, QuantConfig, RunConfig, to_dict
+from qtune.decode import BASE, Row, Sampling
 from qtune.errors import AdapterError
 from qtune.models import fingerprint_base
-from qtune.pool import BASE, AdapterPool, Row, Sampling
+from qtune.pool import AdapterPool
 from tests.conftest import make_model_folder
 
 PROMPTS = [

@@ -7,6 +7,7 @@ response against the same adapter run alone in the pool, and that the batches re
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -21,8 +22,9 @@ try:  # the HTTP client the installed openai package is built on (openai 3 ships
 except ImportError:
     import httpx
 
+from qtune.decode import BASE, Row, Sampling
 from qtune.errors import ConfigError
-from qtune.pool import BASE, AdapterPool, Row, Sampling
+from qtune.pool import AdapterPool
 from qtune.serve import Limits, ServerThread, create_app, is_loopback, serve
 from tests.test_pool import PROMPTS, adapter_set  # noqa: F401  (a fixture)
 
@@ -230,6 +232,17 @@ def test_admin_loads_and_unloads_adapters(server):
         client.chat.completions.create(model="delta", messages=chat("hi"), max_tokens=6)
 
 
+def test_admin_load_of_an_adapter_whose_base_moved_is_a_clear_400(server, tmp_path):
+    moved = tmp_path / "moved-base"
+    shutil.copytree(server["dirs"]["adapters"] / "sentiment", moved)
+    meta = json.loads((moved / "qtune.json").read_text())
+    meta["config"]["model"]["name"] = str(tmp_path / "no-such-base")  # the folder it was trained on is gone
+    (moved / "qtune.json").write_text(json.dumps(meta))
+    r = httpx.post(server["url"] + "/admin/adapters", json={"name": "moved", "path": str(moved)})
+    assert r.status_code == 400 and "no-such-base" in r.json()["error"]["message"], r.text
+    assert "moved" not in server["pool"].names()
+
+
 def test_admin_routes_need_the_token_when_one_is_set(adapter_set):  # noqa: F811
     pool = AdapterPool(str(adapter_set["base"]), quant="none")
     with ServerThread(create_app(pool, token="s3cret")) as url:
@@ -248,3 +261,22 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_token():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     with pytest.raises(ConfigError, match="--token"):
         serve("smollm2-135m", host="0.0.0.0")
+
+
+def test_requests_over_the_adapter_memory_budget_take_turns(adapter_set):  # noqa: F811
+    """Two adapters that cannot be resident together: their requests run one after the other, not fail."""
+    size = (adapter_set["adapters"] / "alpha" / "adapter_model.safetensors").stat().st_size
+    pool = AdapterPool(str(adapter_set["base"]), quant="none", max_adapter_bytes=int(size * 1.5))
+    pool.add_folder(adapter_set["adapters"])
+    expected = [alone_chat(pool, a, PROMPTS[0], 6).text for a in ("alpha", "beta", "alpha", "beta")]
+    app = create_app(pool, batch_wait_ms=300)  # long enough for all four to wait in one queue
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        def ask(adapter):
+            r = client.chat.completions.create(model=adapter, messages=chat(PROMPTS[0]), max_tokens=6, temperature=0)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(ask, ["alpha", "beta", "alpha", "beta"])) == expected
+    assert all(len(set(s) - {BASE}) <= 1 for s in app.state.scheduler.steps)  # one adapter per batch
