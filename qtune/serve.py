@@ -210,6 +210,10 @@ def create_app(
                 return await handler(request)
             except RequestError as e:
                 return error_response(e.status, e.message, e.param, e.code)
+            except USER_ERRORS as e:  # a qtune error the route did not expect: still the client's, with its reason
+                return error_response(400, str(e))
+            except Exception as e:  # a bug: the client gets a JSON 500 with the reason, the server stays up
+                return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
         return endpoint
 

@@ -217,6 +217,19 @@ def test_classify(server):
     assert r.status_code == 404 and "valid names here: sentiment" in r.json()["error"]["message"]
 
 
+def test_an_unexpected_error_is_a_json_500_and_the_server_stays_up(server, monkeypatch):
+    pool, url = server["pool"], server["url"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pool, "classify", broken)
+    r = httpx.post(url + "/v1/classify", json={"model": "sentiment", "input": "hi"})
+    assert r.status_code == 500 and "internal error: RuntimeError: disk on fire" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert httpx.post(url + "/v1/classify", json={"model": "sentiment", "input": "hi"}).status_code == 200
+
+
 def test_admin_loads_and_unloads_adapters(server):
     url, client, dirs = server["url"], server["client"], server["dirs"]
     r = httpx.post(url + "/admin/adapters", json={"name": "delta", "path": str(dirs["adapters"] / "beta")})
