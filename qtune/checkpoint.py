@@ -23,20 +23,27 @@ from qtune.config import RunConfig, to_dict
 from qtune.errors import ConfigError
 
 RUN_FILE = "run.json"
+FINISHED = "finished"  # written beside kept checkpoints once the adapter is written: not an interrupted run
 INCOMING = ".incoming"
-# What a resumable checkpoint must hold (the optimizer and scheduler files are what make it resumable).
-REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+# What a resumable checkpoint must hold (the optimizer and scheduler files are what make it resumable);
+# the optimizer is optimizer.pt, or optimizer.bin when accelerate saves it under FSDP.
+REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "scheduler.pt")
+OPTIMIZER = ("optimizer.pt", "optimizer.bin")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-# Settings that may change between the interrupted run and its resume: they do not change what is learned.
+# Settings that may change between the interrupted run and its resume: they do not change what is
+# learned. (train.save_every and train.logging_steps are not among them: the trainer restores both
+# from the checkpoint, so a new value would be ignored.) Paths are not compared either: the base and
+# the data are compared by their fingerprints, so `data.train=x.jsonl` and its absolute path agree.
 _MAY_DIFFER = {
     "resume",
+    "model.name",
+    "model.revision",
+    "data.train",
     "output.dir",
     "output.name",
     "output.overwrite",
     "output.keep_checkpoints",
-    "train.save_every",
     "train.keep_checkpoints",
-    "train.logging_steps",
     "train.on_nonfinite",
     "data.eval",
     "eval.batch_size",
@@ -55,17 +62,22 @@ def step_of(checkpoint: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+def is_complete(checkpoint: Path) -> bool:
+    return all((checkpoint / f).is_file() for f in REQUIRED) and any((checkpoint / f).is_file() for f in OPTIMIZER)
+
+
 def complete(folder: Path) -> list[Path]:
     """The complete checkpoints in `folder`, oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted((p for p in found if all((p / f).is_file() for f in REQUIRED)), key=step_of)
+    return sorted((p for p in found if is_complete(p)), key=step_of)
 
 
 def identity(cfg: RunConfig, base_fingerprint: str, data_fingerprint: str) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed by this run."""
-    return {"config": _flat(to_dict(cfg)), "base": base_fingerprint, "data": data_fingerprint}
+    """What a checkpoint must agree with to be resumed by this run: config, base, data, process count."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the global batch and data sharding depend on it
+    return {"config": _flat(to_dict(cfg)), "base": base_fingerprint, "data": data_fingerprint, "processes": processes}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,10 +96,13 @@ def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
         diffs.append("the base model's weights differ (fingerprint)")
     if recorded.get("data") != now["data"]:
         diffs.append("the training data file differs (fingerprint)")
-    old, new = recorded.get("config", {}), now["config"]
+    if recorded.get("processes", 1) != now["processes"]:
+        diffs.append(f"{recorded.get('processes', 1)} training processes then, {now['processes']} now")
+    # A key the recorded run did not have (an older qtune) held its default then.
+    old, new, defaults = recorded.get("config", {}), now["config"], _flat(to_dict(RunConfig()))
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)!r} then, {new.get(key)!r} now")
+        if old.get(key, defaults.get(key)) != new.get(key, defaults.get(key)):
+            diffs.append(f"{key}: {old.get(key, defaults.get(key))!r} then, {new.get(key, defaults.get(key))!r} now")
     return diffs
 
 
@@ -101,7 +116,9 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
     folder = root(cfg)
     found = complete(folder)
     if cfg.resume is None:
-        if found:
+        if found and (folder / FINISHED).is_file():
+            print(f"{folder} holds the kept checkpoints of a finished run: starting a new run replaces them")
+        elif found:
             raise ConfigError(
                 f"{folder} holds checkpoints of an interrupted run (newest: step {step_of(found[-1])}): "
                 "pass resume=auto to continue it, or delete that folder to start over"
@@ -119,8 +136,9 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
                 f"resume={cfg.resume}: give auto, or one of this run's checkpoints in {folder} "
                 f"({', '.join(p.name for p in found) or 'none yet'})"
             )
-        if not all((checkpoint / f).is_file() for f in REQUIRED):
+        if not is_complete(checkpoint):
             missing = [f for f in REQUIRED if not (checkpoint / f).is_file()]
+            missing += [] if any((checkpoint / f).is_file() for f in OPTIMIZER) else [" or ".join(OPTIMIZER)]
             raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint folder (missing {', '.join(missing)})")
     recorded_file = checkpoint.parent / RUN_FILE
     if not recorded_file.is_file():
@@ -193,4 +211,8 @@ def promote(written: Path, keep: int) -> Path:
 def finish(cfg: RunConfig) -> None:
     """After the adapter is written: remove the run's checkpoints, or only the scratch folder if kept."""
     folder = root(cfg)
-    shutil.rmtree(folder / INCOMING if cfg.output.keep_checkpoints else folder, ignore_errors=True)
+    if cfg.output.keep_checkpoints:
+        shutil.rmtree(folder / INCOMING, ignore_errors=True)
+        (folder / FINISHED).write_text("the adapter of this run was written; these checkpoints are kept\n")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)

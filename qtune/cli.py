@@ -12,6 +12,7 @@ from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 BUILTIN_RECIPES = ("sft", "classify")
+TRUST_CODE = "run model code shipped with the base (never taken from the adapter's qtune.json)"
 IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
 
 
@@ -75,7 +76,12 @@ def cmd_generate(args) -> None:
     kind = read_meta(adapter).get("kind")
     if kind == "sequence-classification":
         raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
-    model, tokenizer, cfg, _ = load_adapter(adapter, base_only=args.base_only, check_base=not args.ignore_base_mismatch)
+    model, tokenizer, cfg, _ = load_adapter(
+        adapter,
+        base_only=args.base_only,
+        check_base=not args.ignore_base_mismatch,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
 
 
@@ -86,7 +92,10 @@ def cmd_eval(args) -> None:
     from qtune.lora import load_adapter
 
     model, tokenizer, cfg, meta = load_adapter(
-        resolve_adapter(args.adapter), base_only=args.base_only, check_base=not args.ignore_base_mismatch
+        resolve_adapter(args.adapter),
+        base_only=args.base_only,
+        check_base=not args.ignore_base_mismatch,
+        trust_remote_code=args.trust_remote_code,
     )
     if meta.get("kind") == "sequence-classification":
         from qtune import classify
@@ -112,7 +121,11 @@ def cmd_predict(args) -> None:
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text TEXT or --data FILE")
-    model, tokenizer, cfg, meta = load_adapter(resolve_adapter(args.adapter), check_base=not args.ignore_base_mismatch)
+    model, tokenizer, cfg, meta = load_adapter(
+        resolve_adapter(args.adapter),
+        check_base=not args.ignore_base_mismatch,
+        trust_remote_code=args.trust_remote_code,
+    )
     if meta.get("kind") != "sequence-classification":
         raise AdapterError(
             f"{args.adapter} is a {meta.get('kind')} adapter; predict needs a classification one "
@@ -262,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base-only", action="store_true", help="the base without the adapter")
     p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
     p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")
@@ -278,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
     p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("plan", help="will this run fit my GPU? memory breakdown from the model config alone")

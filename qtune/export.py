@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from qtune.config import from_dict
 from qtune.errors import AdapterError, ExportError
 from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checked_base, default_mode, read_meta, staging_dir
 from qtune.models import DTYPES, EMBEDDED_ALIAS, load_base, load_tokenizer
@@ -178,7 +177,7 @@ def merged_model(adapter_dir: str | Path, *, dtype: str | None = None, into_quan
     """
     adapter_dir = Path(adapter_dir)
     meta, _, _ = read_adapter(adapter_dir)
-    cfg = from_dict(meta["config"])
+    cfg, _ = checked_base(adapter_dir, meta, check=False)  # (checked below) model code stays off
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_cfg = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)

@@ -206,8 +206,8 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("samples"):
         meta["samples"] = []
 
-    def cut(section: dict[str, Any] | None, key: str) -> None:
-        if isinstance(section, dict) and isinstance(section.get(key), str) and os.path.isabs(section[key]):
+    def cut(section: dict[str, Any] | None, key: str) -> None:  # absolute or relative: only the last part
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
             section[key] = Path(section[key]).name
 
     cut(meta.get("base"), "path")
@@ -430,11 +430,27 @@ def default_dry_run_dir(adapter_dir: str | Path) -> Path:
     return adapter_dir.parent / f"{adapter_dir.name}.hub"
 
 
-def _prepare_out(out: Path) -> None:
-    """An empty `out`; a previous dry run's folder (staged files only) is replaced, anything else refused."""
+DRY_RUN_MARKER = ".qtune-dry-run"  # marks a folder `--dry-run` wrote, the only kind it replaces
+
+
+def _prepare_out(out: Path, adapter_dir: Path) -> None:
+    """An empty `out`; a previous dry run's folder (marked, staged files only) is replaced, anything else refused.
+
+    An adapter folder holds files with the same names as a staged push: without the marker it is
+    never taken for a dry run's folder, and `out` may not be the adapter folder, inside it or around it.
+    """
+    here, adapter = out.resolve(), adapter_dir.resolve()
+    if here == adapter or adapter in here.parents or here in adapter.parents:
+        raise HubError(f"--out {out} is the adapter folder {adapter_dir}, inside it or around it: choose another")
     if out.exists():
-        if not out.is_dir() or any(p.name not in STAGED_FILES or p.is_dir() for p in out.iterdir()):
-            raise HubError(f"{out} exists and holds other files than a staged push: remove it or pass --out")
+        names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+        if not out.is_dir() or DRY_RUN_MARKER not in names or any(
+            p.name not in {*STAGED_FILES, DRY_RUN_MARKER} or p.is_dir() for p in out.iterdir()
+        ):
+            raise HubError(
+                f"{out} exists and holds other files than a staged push (or was not written by `qtune push "
+                "--dry-run`): remove it or pass --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
@@ -479,8 +495,9 @@ def push(
 
     if dry_run:
         folder = Path(out) if out is not None else default_dry_run_dir(adapter_dir)
-        _prepare_out(folder)
+        _prepare_out(folder, Path(adapter_dir))
         files = stage(adapter_dir, folder, repo_id, license=license, datasets=datasets, base_model=base_model)
+        (folder / DRY_RUN_MARKER).write_text("written by `qtune push --dry-run`; not uploaded\n")
         return PushResult(folder, files, notes=notes)
 
     from huggingface_hub import get_token

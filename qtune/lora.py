@@ -186,18 +186,22 @@ def check_weights(adapter_dir: str | Path) -> None:
         raise AdapterError(f"{path}: corrupt or truncated safetensors file ({e}); copy or train it again") from None
 
 
-def checked_base(adapter_dir: str | Path, meta: dict[str, Any], check: bool = True) -> tuple[RunConfig, Path]:
+def checked_base(
+    adapter_dir: str | Path, meta: dict[str, Any], check: bool = True, trust_remote_code: bool = False
+) -> tuple[RunConfig, Path]:
     """The adapter's resolved config and its base folder, refused if the base differs from the one it was
     trained on: other weights (fingerprint), another architecture or another vocabulary size.
 
     `check=False` (`--ignore-base-mismatch` on the command line) is for deliberate cases, e.g. a
-    re-saved copy of the same base.
+    re-saved copy of the same base. An adapter's own qtune.json never switches on model code: its
+    `model.trust_remote_code` is replaced by the caller's `trust_remote_code` (`--trust-remote-code`).
     """
     try:
         cfg, recorded = from_dict(meta["config"]), meta["base"]
         fingerprint = recorded["fingerprint"]
     except (KeyError, TypeError) as e:
         raise AdapterError(f"{adapter_dir}/{META_FILE} lacks {e}: not written by this qtune, or edited") from None
+    cfg.model.trust_remote_code = trust_remote_code
     base_path = resolve_base(cfg.model)
     if not check:
         return cfg, base_path
@@ -218,7 +222,9 @@ def checked_base(adapter_dir: str | Path, meta: dict[str, Any], check: bool = Tr
     return cfg, base_path
 
 
-def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base: bool = True):
+def load_adapter(
+    adapter_dir: str | Path, *, base_only: bool = False, check_base: bool = True, trust_remote_code: bool = False
+):
     """Load base + adapter as recorded in the adapter's qtune.json.
 
     Returns (model, tokenizer, config, meta). With `base_only`, the adapter is not applied (for a
@@ -226,7 +232,7 @@ def load_adapter(adapter_dir: str | Path, *, base_only: bool = False, check_base
     """
     meta = read_meta(adapter_dir)
     check_weights(adapter_dir)
-    cfg, base_path = checked_base(adapter_dir, meta, check_base)
+    cfg, base_path = checked_base(adapter_dir, meta, check_base, trust_remote_code)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     if meta.get("kind") == "sequence-classification":
         id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}

@@ -110,6 +110,11 @@ def test_ddp_on_two_processes_matches_one_process_and_resumes(run_args, tmp_path
     c = weights(cut)
     assert all(torch.equal(a[k], c[k]) for k in a)
 
+    # One process may not continue a two-process run: the global batch and data order would change.
+    shutil.copytree(ddp.parent / "ddp.checkpoints", ddp.parent / "solo.checkpoints")
+    with pytest.raises(ConfigError, match="2 training processes then, 1 now"):
+        sft.main(load_config(None, [*run_args, "train.batch_size=2", "output.name=solo", "resume=auto"]))
+
 
 def test_fsdp_on_cpu_is_refused_with_the_reason(run_args):
     if torch.cuda.is_available():

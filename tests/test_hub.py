@@ -243,7 +243,7 @@ def test_dry_run_writes_the_folder_and_contacts_no_one(adapter, hub, capsys, tmp
     assert note.startswith("note: the base is the local folder /") and "pass --base-model OWNER/NAME" in note
     assert head == f"dry run: {staged} holds what `qtune push` would upload to alice/tiny:"
     listed = {line.split()[0]: line.split()[1:] for line in lines}
-    assert set(listed) == UPLOADS == {p.name for p in staged.iterdir()}
+    assert set(listed) == UPLOADS == {p.name for p in staged.iterdir()} - {".qtune-dry-run"}
     weights = (staged / "adapter_model.safetensors").stat().st_size
     assert listed["adapter_model.safetensors"] == [f"{weights / 1024:.1f}", "KiB"]
     assert hub.requests == []
@@ -253,6 +253,12 @@ def test_dry_run_writes_the_folder_and_contacts_no_one(adapter, hub, capsys, tmp
     line = error_line(capsys, ["push", str(adapter), "alice/tiny", "--dry-run"])
     assert f"{staged} exists and holds other files than a staged push" in line
     main(["push", str(adapter), "alice/tiny", "--dry-run", "--out", str(tmp_path / "elsewhere")])
+    # Neither the adapter folder itself nor another adapter folder is ever taken for a dry run's folder.
+    other = shutil.copytree(adapter, tmp_path / "adapters" / "other")
+    for out in (adapter, adapter / "sub", other):
+        line = error_line(capsys, ["push", str(adapter), "alice/tiny", "--dry-run", "--out", str(out)])
+        assert "choose another" in line or "was not written by `qtune push --dry-run`" in line, line
+    assert (adapter / "adapter_model.safetensors").is_file() and (other / "adapter_model.safetensors").is_file()
 
     # The dry run's folder is byte for byte what a push uploads.
     main(["push", str(adapter), "alice/tiny"])

@@ -126,6 +126,17 @@ def test_partial_checkpoints_are_never_resumed(run_args, tmp_path):
     assert not (folder / checkpoint.INCOMING).exists()
 
 
+def test_resume_compares_data_by_content_not_by_how_its_path_is_written(run_args, tmp_path, monkeypatch):
+    first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
+    out = sft.main(load_config(None, first))
+    monkeypatch.chdir(tmp_path)  # the same file, now given relative to the working directory
+    again = [*first, "data.train=train.jsonl", "output.overwrite=true", "resume=auto"]
+    assert read_meta(sft.main(load_config(None, again)))["training"]["resumed_from_step"] == 4
+    assert out.is_dir()
+    # Kept checkpoints of a finished run do not block a fresh run.
+    sft.main(load_config(None, [*first, "output.overwrite=true"]))
+
+
 def test_resume_with_a_different_config_or_data_is_refused(run_args, tmp_path):
     first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
     sft.main(load_config(None, first))

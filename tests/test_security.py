@@ -102,3 +102,29 @@ def test_no_secret_reaches_any_output_file_or_log(tmp_path, tiny_model_dir, capf
     logs = capfd.readouterr()
     assert secret not in logs.out and secret not in logs.err
     assert os.environ["HF_TOKEN"] == secret  # (the token was there all along)
+
+
+def test_an_adapters_own_qtune_json_cannot_switch_on_model_code(tiny_model_dir, tmp_path):
+    """A downloaded adapter controls its qtune.json (even the recorded fingerprint): it must not grant trust."""
+    from qtune.lora import load_adapter
+    from qtune.models import fingerprint_base
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "is it good?", "completion": "yes"}) + "\n")
+    args = [f"model.name={base}", "model.dtype=fp32", "quant.method=none", f"data.train={data}", "train.max_steps=1"]
+    out = sft.main(load_config(None, [*args, f"output.dir={tmp_path / 'adapters'}", "output.name=run"]))
+    # The attacker's edit: model code in the base folder, trust switched on, the fingerprint made to match.
+    marker = tmp_path / "code-ran"
+    (base / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (base / "config.json").write_text(json.dumps(config))
+    meta = json.loads((out / "qtune.json").read_text())
+    meta["config"]["model"]["trust_remote_code"] = True
+    meta["base"]["fingerprint"] = fingerprint_base(base)
+    (out / "qtune.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="ships its own model code"):
+        load_adapter(out)
+    assert not marker.exists()
