@@ -98,6 +98,17 @@ class TrainConfig:
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer.", "adamw")
     gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", False)
     group_by_length: bool = _help("Batch examples of similar length together (less padding).", True)
+    padding_free: bool = _help(
+        "Causal LM: concatenate each micro-batch into one row without padding; position_ids keep the examples from "
+        "attending to each other. Pays with flash attention (varlen kernels); on a CPU, sdpa's block-diagonal mask "
+        "over the whole row cost 22% of the speed on the demo (docs/performance.md).",
+        False,
+    )
+    chunked_loss: bool = _help(
+        "Causal LM: logits only at trained positions, cross-entropy in fp32 chunks. Off: trl's fused LM-head loss, "
+        "which scores every position on a CPU.",
+        True,
+    )
     fit_to_vram: str | None = _help(
         "GPU memory to fit (e.g. 8GB): choose micro-batch, grad_accum and checkpointing from `qtune plan`.", None
     )

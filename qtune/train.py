@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from pathlib import Path
 
 import torch
@@ -102,6 +103,10 @@ def sft_args(cfg: RunConfig, work_dir: Path):
         # Data arrive tokenized with labels already masked and truncated by qtune.data.
         max_length=None,
         packing=False,
+        # One row per micro-batch, no padding; position_ids restart at each example, from which transformers
+        # builds a block-diagonal mask (sdpa, eager) or varlen boundaries (flash attention): no cross-attention.
+        # A micro-batch of one has no padding to remove.
+        padding_free=cfg.train.padding_free and cfg.train.batch_size > 1,
         dataset_num_proc=None,
     )
 
@@ -114,12 +119,108 @@ def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoin
     """
     from trl import SFTTrainer
 
-    class QtuneSFTTrainer(_GuardedSteps, SFTTrainer):
+    class QtuneSFTTrainer(_TrainedPositionsLoss, _GuardedSteps, SFTTrainer):
         pass
 
-    return _with_guards(
+    trainer = _with_guards(
         QtuneSFTTrainer, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, sft_args, data_collator=None
     )
+    trainer.qtune_chunked_loss = cfg.train.chunked_loss and _takes_logits_to_keep(trainer.model)
+    return trainer
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Does the causal LM's forward take `logits_to_keep` (transformers' models do; remote code may not)?"""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def trained_positions_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
+    """Summed cross-entropy of `logits` (positions x vocab) against `targets`, in fp32, a chunk of rows at a time.
+
+    Each chunk is upcast to fp32 inside a non-reentrant checkpoint, so neither the forward nor the backward
+    ever holds fp32 log-probabilities for more than one chunk. Returns (loss sum, entropy sum, top-1 hits);
+    the last two without gradient, for trl's logged metrics.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rows = chunk_rows or max(1, 2**24 // logits.size(-1))  # ~64 MiB of fp32 per chunk
+    loss = logits.new_zeros((), dtype=torch.float32)
+    entropy = torch.zeros((), dtype=torch.float32, device=logits.device)
+    hits = torch.zeros((), dtype=torch.long, device=logits.device)
+    for start in range(0, logits.size(0), rows):
+        part, target = logits[start : start + rows], targets[start : start + rows]
+        if logits.size(0) > rows:
+            loss = loss + checkpoint(_cross_entropy_sum, part, target, use_reentrant=False)
+        else:
+            loss = loss + _cross_entropy_sum(part, target)
+        with torch.no_grad():
+            logp = part.float().log_softmax(-1)
+            entropy += -(logp.exp() * logp).sum()
+            hits += (part.argmax(-1) == target).sum()
+    return loss, entropy, hits
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class _TrainedPositionsLoss:
+    """SFTTrainer mixin: the causal-LM loss from logits at the trained positions only.
+
+    trl's fused LM head scores every position on devices without Triton (a CPU), converting each
+    chunk of the LM head's weight as it goes; qtune's data train on answers only, a few positions in
+    each example. Here the model is called through its wrappers (PEFT, DDP, FSDP) with transformers'
+    `logits_to_keep` set to the positions whose next token is a label, and the loss is the same
+    token-summed negative log-likelihood over the same normaliser as trl's, with the same metrics.
+    Anything trl computes differently (DFT, label smoothing, a compute_loss_func, MoE auxiliary
+    losses, evaluation outputs) goes to trl.
+    """
+
+    qtune_chunked_loss = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (
+            return_outputs
+            or not self.qtune_chunked_loss
+            or not model.training
+            or self.args.loss_type != "nll"
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or self.aux_loss_enabled
+            or "labels" not in inputs
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        shifted = labels[:, 1:]
+        trained = shifted != -100
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = trained  # the position whose logits predict each trained label
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**forward, use_cache=False, logits_to_keep=keep)
+        loss_sum, entropy, hits = trained_positions_loss(outputs.logits, shifted[trained])
+        count = trained.sum()
+        loss = loss_sum / torch.as_tensor(count if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._log_metrics(inputs, count, entropy, hits)
+        return loss
+
+    def _log_metrics(self, inputs, count, entropy, hits) -> None:
+        """The metrics trl's compute_loss logs: entropy, mean_token_accuracy, num_tokens."""
+        gather = self.accelerator.gather_for_metrics
+        valid, entropy, hits = gather(count).sum(), gather(entropy).sum(), gather(hits).sum()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((hits / valid).item() if valid > 0 else 0.0)
+        if "attention_mask" in inputs:
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        else:  # padding-free: one row of real tokens
+            tokens = gather(torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)).sum().item()
+        self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
 
 
 def _with_guards(cls, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, make_args, data_collator):
@@ -163,8 +264,9 @@ def fit(trainer, resume_from: Path | None, run: dict):
         where = Path(trainer.args.output_dir).parent / f"checkpoint-{stopped['step']}"
         raise TrainingError(
             f"non-finite {stopped['what']} at step {stopped['step']}, from training rows {stopped['rows']}; "
-            f"training stopped before the weights changed. The last good weights are in {where}; fix those rows, "
-            "lower train.lr, or set train.on_nonfinite=skip; then resume=auto continues after that batch"
+            f"training stopped before the weights changed; the last good weights are in {where}. Continue past "
+            "that batch with resume=auto train.on_nonfinite=skip, or fix those rows or lower train.lr and "
+            "start over (delete the checkpoints: a resume with other data or settings is refused)"
         )
     return result
 
@@ -179,17 +281,14 @@ def gathered_weights(trainer) -> dict | None:
 
 
 def _finished(trainer, checkpoint_dir: Path) -> bool:
-    """Whether the checkpoint is the run's last step (the crash came after training: in evaluation or saving)."""
+    """Whether the checkpoint is the run's last step (the crash came after training: in evaluation or saving).
+
+    The trainer records the run's length in the checkpoint (`max_steps`, counted per process as it counts).
+    """
     from transformers import TrainerState
 
-    done = TrainerState.load_from_json(str(Path(checkpoint_dir) / "trainer_state.json")).global_step
-    max_steps = trainer.args.max_steps
-    if max_steps <= 0:
-        per_epoch = math.ceil(len(trainer.train_dataset) / trainer.args.per_device_train_batch_size)
-        max_steps = math.ceil(
-            math.ceil(per_epoch / trainer.args.gradient_accumulation_steps) * trainer.args.num_train_epochs
-        )
-    return done >= max_steps
+    state = TrainerState.load_from_json(str(Path(checkpoint_dir) / "trainer_state.json"))
+    return state.max_steps > 0 and state.global_step >= state.max_steps
 
 
 def _restore_finished(trainer, checkpoint_dir: Path):
@@ -266,14 +365,14 @@ class NonFiniteGuard(TrainerCallback):
         self.policy = policy
         self.events: list[dict] = []
         self.stopped: dict | None = None
-        self._rows_of: dict[tuple[int, ...], list[int]] = {}
+        self._rows_of: dict[bytes, list[int]] = {}  # a 16-byte digest per example, not its token tuple
         for ids, row in zip(train_dataset["input_ids"], train_dataset["row"]):
-            self._rows_of.setdefault(tuple(ids), []).append(row)
+            self._rows_of.setdefault(_digest(ids), []).append(row)
         self._batches: list[dict] = []
         self._bad_loss = False
 
     def saw(self, inputs: dict, loss_finite: bool) -> None:
-        batch = {k: inputs[k].detach() for k in ("input_ids", "attention_mask") if k in inputs}
+        batch = {k: inputs[k].detach() for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         self._batches.append((batch, loss_finite))
         self._bad_loss |= not loss_finite
 
@@ -282,20 +381,19 @@ class NonFiniteGuard(TrainerCallback):
         bad = [batch for batch, finite in self._batches if not finite] or [batch for batch, _ in self._batches]
         rows = set()
         for batch in bad:
-            mask = batch.get("attention_mask")  # padding removed by the attention mask
-            for i, ids in enumerate(batch["input_ids"].tolist()):
-                length = int(mask[i].sum()) if mask is not None else len(ids)
-                rows.update(self._rows_of.get(tuple(ids[:length]), []))
+            for ids in _examples(batch):
+                rows.update(self._rows_of.get(_digest(ids), []))
         return sorted(rows)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if self._bad_loss or bad:
-            event = {
-                "step": state.global_step + 1,
-                "what": "loss" if self._bad_loss else "gradient",
-                "rows": self.rows(),
-            }
+        # Under fp16 a loss scaler owns gradient overflows (it skips those steps itself): only the loss counts.
+        grads_checked = not args.fp16
+        bad_grad = grads_checked and any(
+            p.grad is not None and not torch.isfinite(p.grad).all() for p in model.parameters()
+        )
+        bad_loss, bad_grad, rows = _agree(self._bad_loss, bad_grad, self.rows() if self._bad_loss or bad_grad else [])
+        if bad_loss or bad_grad:  # every process takes the same decision (and reports every process's rows)
+            event = {"step": state.global_step + 1, "what": "loss" if bad_loss else "gradient", "rows": rows}
             for p in model.parameters():
                 p.grad = None  # the optimizer skips parameters without gradients: the weights stay as they were
             self.events.append(event)
@@ -307,6 +405,43 @@ class NonFiniteGuard(TrainerCallback):
         self._batches.clear()
         self._bad_loss = False
         return control
+
+
+def _agree(bad_loss: bool, bad_grad: bool, rows: list[int]) -> tuple[bool, bool, list[int]]:
+    """Under torchrun / accelerate: whether any process saw a non-finite value, and all their rows."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bad_loss, bad_grad, rows
+    flags = torch.tensor([bad_loss, bad_grad], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        flags = flags.cuda()
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if not flags.any():
+        return False, False, []
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, rows)
+    return bool(flags[0]), bool(flags[1]), sorted({r for part in everyone for r in part})
+
+
+def _digest(ids: list[int]) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
+
+
+def _examples(batch: dict) -> list[list[int]]:
+    """The token ids of each example in a micro-batch: padded rows cut by the attention mask, or a
+    padding-free row split where position_ids restart at 0."""
+    if "attention_mask" not in batch and "position_ids" in batch:
+        out = []
+        for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+            out += [ids[a:b] for a, b in zip(starts, starts[1:])]
+        return out
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch["input_ids"].tolist()
+    # Tokens where the mask is 1: right or left padding alike.
+    return [[t for t, m in zip(ids, keep) if m] for ids, keep in zip(batch["input_ids"].tolist(), mask.tolist())]
 
 
 class CheckpointPromoter(TrainerCallback):
