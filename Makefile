@@ -9,7 +9,7 @@ VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test lint format clean
+.PHONY: install data demo test bench lint format clean
 
 data: data/.prepared
 
@@ -42,6 +42,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Training speed and memory: qtune against the plain TRL + PEFT script, interleaved (docs/performance.md).
+bench: install
+	$(PY) benchmarks/train_speed.py --reps 3 $(BENCH_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check qtune recipes tests benchmarks
