@@ -444,8 +444,10 @@ def _prepare_out(out: Path, adapter_dir: Path) -> None:
         raise HubError(f"--out {out} is the adapter folder {adapter_dir}, inside it or around it: choose another")
     if out.exists():
         names = {p.name for p in out.iterdir()} if out.is_dir() else set()
-        if not out.is_dir() or DRY_RUN_MARKER not in names or any(
-            p.name not in {*STAGED_FILES, DRY_RUN_MARKER} or p.is_dir() for p in out.iterdir()
+        if (
+            not out.is_dir()
+            or DRY_RUN_MARKER not in names
+            or any(p.name not in {*STAGED_FILES, DRY_RUN_MARKER} or p.is_dir() for p in out.iterdir())
         ):
             raise HubError(
                 f"{out} exists and holds other files than a staged push (or was not written by `qtune push "
