@@ -52,6 +52,11 @@ _MAY_DIFFER = {
 }
 
 
+def is_main_process() -> bool:
+    """True in a single process, and in rank 0 of a torchrun / accelerate launch: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def root(cfg: RunConfig) -> Path:
     """The run's checkpoint folder."""
     return Path(cfg.output.dir) / f"{cfg.output.name}.checkpoints"
@@ -154,7 +159,7 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
             + "; ".join(diffs)
             + ". Resume with the same config and data, or delete the checkpoints to start over"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         shutil.rmtree(folder / INCOMING, ignore_errors=True)  # a checkpoint the kill interrupted mid-write
     print(f"resuming from {checkpoint} (step {step_of(checkpoint)})")
     return checkpoint
@@ -162,7 +167,7 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
 
 def start(folder: Path, run: dict[str, Any]) -> None:
     """Right before step 0 of a fresh run: an empty checkpoint folder holding run.json (what `prepare` checks)."""
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone prepares the folder
+    if not is_main_process():  # under torchrun, rank 0 alone prepares the folder
         return
     shutil.rmtree(folder, ignore_errors=True)  # only partial leftovers can be here: complete ones were refused
     folder.mkdir(parents=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qtune.errors import AdapterError
-from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, read_meta
+from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, check_weights, read_meta
 from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
 
 CARD_FILE = "README.md"
@@ -376,16 +376,11 @@ def _hardware(value: Any) -> str:
 
 
 def _check_weights(adapter_dir: Path) -> None:
-    from safetensors import safe_open
-
+    """lora.check_weights, as a HubError: nothing is staged or uploaded from a corrupt adapter."""
     try:
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-            if not list(f.keys()):
-                raise ValueError("it holds no tensors")
-    except Exception as e:
-        raise HubError(
-            f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt or incomplete ({_brief(e)}); restore it or train again"
-        ) from None
+        check_weights(adapter_dir)
+    except AdapterError as e:
+        raise HubError(str(e)) from None
 
 
 def stage(

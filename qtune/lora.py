@@ -183,7 +183,10 @@ def check_weights(adapter_dir: str | Path) -> None:
             if not list(f.keys()):
                 raise AdapterError(f"{path}: holds no tensors")
     except SafetensorError as e:
-        raise AdapterError(f"{path}: corrupt or truncated safetensors file ({e}); copy or train it again") from None
+        raise AdapterError(
+            f"{path} is corrupt or incomplete (a corrupt or truncated safetensors file: {e}); copy it again or "
+            "train it again"
+        ) from None
 
 
 def checked_base(
@@ -213,10 +216,11 @@ def checked_base(
                 f"{adapter_dir} was trained on a base with {what} {recorded[key]}, but {base_path} has "
                 f"{now[key]}: refusing to load it{override}"
             )
-    if fingerprint_base(base_path) != fingerprint:
+    actual = fingerprint_base(base_path)
+    if actual != fingerprint:
         raise AdapterError(
             f"{adapter_dir} was trained on a base with fingerprint {fingerprint[:19]}..., "
-            f"but {base_path} has {fingerprint_base(base_path)[:19]}...: refusing to use it with a different "
+            f"but {base_path} has {actual[:19]}...: refusing to use it with a different "
             f"base{override}"
         )
     return cfg, base_path

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from qtune.checkpoint import is_main_process  # noqa: F401  (the recipes ask train.is_main_process())
 from qtune.config import ConfigError, RunConfig
 from qtune.errors import TrainingError
 
@@ -82,11 +83,6 @@ def _fsdp_args(cfg: RunConfig) -> dict:
             "activation_checkpointing": False,  # qtune switches it on itself (non-reentrant), when asked
         },
     )
-
-
-def is_main_process() -> bool:
-    """True in a single process, and in rank 0 of a torchrun / accelerate launch: the one that writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _barrier() -> None:
@@ -304,9 +300,9 @@ def _restore_finished(trainer, checkpoint_dir: Path):
 
     state = TrainerState.load_from_json(str(Path(checkpoint_dir) / "trainer_state.json"))
     weights = load_file(str(Path(checkpoint_dir) / "adapter_model.safetensors"))
-    missing = set_peft_model_state_dict(trainer.model, weights).unexpected_keys
-    if missing:
-        raise TrainingError(f"{checkpoint_dir}: weights {missing[:3]} do not fit this model")
+    unexpected = set_peft_model_state_dict(trainer.model, weights).unexpected_keys
+    if unexpected:
+        raise TrainingError(f"{checkpoint_dir}: weights {unexpected[:3]} do not fit this model")
     trainer.state = state
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     print(f"{checkpoint_dir} is the run's last step ({state.global_step}): nothing left to train")
