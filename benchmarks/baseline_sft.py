@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from datasets import load_dataset
@@ -97,6 +99,10 @@ def main() -> None:
     # Measurement only (not part of a user's script): non-padding tokens fed to the model, wall time of train().
     counter = _TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.train_speed import _trace_rss  # the harness's RSS-per-step trace, as for qtune's arm
+
+    trace = _trace_rss(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -105,7 +111,11 @@ def main() -> None:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     trained = sum(counter.counts[: args.steps * args.grad_accum])  # the collator may build a batch ahead
-    print(json.dumps({"tokens": trained, "seconds": seconds, "losses": losses, "gpu_peak": gpu_peak}))
+    print(
+        json.dumps(
+            {"tokens": trained, "seconds": seconds, "losses": losses, "gpu_peak": gpu_peak, "rss_by_step": trace}
+        )
+    )
 
 
 class _TokenCounter:

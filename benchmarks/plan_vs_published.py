@@ -79,7 +79,7 @@ def peak_rows() -> list[str]:
     # QLoRA paper: LLaMA-7B (same shapes as Llama-2-7B) 4-bit base at batch 1: 5,048 MB.
     reported = weight_bytes(llama2, "nf4", True, "bf16")
     storage = reported + quant_constant_bytes(llama2, "nf4", True)
-    prepared = estimate(llama2, PlanInput())
+    prepared = estimate(llama2, PlanInput(upcast_kbit=True))  # the paper's stack: peft's k-bit preparation
     prepared_weights = sum(prepared.breakdown[k] for k in ("quantized weights", "16-bit weights"))
     prepared_weights += prepared.breakdown["quantization constants"]
     for what, value in (
@@ -110,7 +110,14 @@ def context_rows() -> list[str]:
     for card, (hf, unsloth) in published.items():
         plan = estimate(
             arch,
-            PlanInput(seq=1024, lora_r=32, optim="adamw8bit", gradient_checkpointing=True, vram=card * GIB),
+            PlanInput(
+                seq=1024,
+                lora_r=32,
+                optim="adamw8bit",
+                gradient_checkpointing=True,
+                upcast_kbit=True,
+                vram=card * GIB,
+            ),
         )
         predicted = plan.max_seq or 0
         ratio = None if not hf or not predicted else predicted / hf
@@ -136,7 +143,7 @@ def arithmetic_rows() -> list[str]:
         f"| LoRA r=16 all-linear, Llama-2-7B | 39,976,960 params | {lora.lora_params:,} params |",
         f"| AdamW states for it (fp32) | 320 MB | {lora.breakdown['optimizer states'] / GB * 1000:.0f} MB |",
         f"| fp32 logits, 2k tokens, 128K vocabulary (s*V*4) | 0.98 GiB | {logits / GIB:.2f} GiB "
-        f"(the planner books {planned / GIB:.2f} GiB: logits, their gradients, the lm_head copy) |",
+        f"(the planner books {planned / GIB:.2f} GiB: fp32 logits, log-probabilities and a gradient) |",
     ]
 
 

@@ -6,8 +6,6 @@
     HF_HUB_OFFLINE=1 python benchmarks/train_speed.py --gpu-7b           # GPU: random Llama-2-7B shape, nf4, 2048
     # qtune against qtune, to measure one change (any `qtune train` override; the first arm is the reference):
     HF_HUB_OFFLINE=1 python benchmarks/train_speed.py --arm off=qtune:train.chunked_loss=false --arm on=qtune
-    # the proposed load_base change (docs/performance.md), as its own arm:
-    HF_HUB_OFFLINE=1 python benchmarks/train_speed.py --arm baseline=baseline --arm norms16=qtune-16bit-norms
 
 Arms run A, B, A, B, ... (`--reps` rounds), each training in a fresh subprocess so its peak RSS is
 its own (os.wait4's ru_maxrss of that child). Measured per run: trained tokens/s (non-padding
@@ -54,12 +52,31 @@ def _count_tokens(trainer) -> list[int]:
     return counts
 
 
-def _vm_hwm() -> int:
-    """This process's peak RSS so far, in bytes (Linux)."""
+def _vm(key: str = "VmHWM") -> int:
+    """This process's peak RSS so far (VmHWM) or its RSS now (VmRSS), in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _trace_rss(trainer) -> list[int]:
+    """The list that receives the RSS (bytes) after every optimizer step: does memory grow while training?"""
+    from transformers import TrainerCallback
+
+    trace: list[int] = []
+
+    class Trace(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trace.append(_vm("VmRSS"))
+
+    trainer.add_callback(Trace())
+    return trace
+
+
+def _growth(trace: list[int]) -> float | None:
+    """MiB of RSS gained per step from step 10 to the end (the first steps fill caches and the allocator)."""
+    return (trace[-1] - trace[9]) / (len(trace) - 10) / 2**20 if len(trace) > 10 else None
 
 
 def _peak_gpu() -> int | None:
@@ -98,51 +115,38 @@ def child_qtune(spec: dict) -> dict:
         examples = [data.Example(r["input_ids"], r["input_ids"], i + 1) for i, r in enumerate(rows)]
     else:
         examples, _ = data.load_examples(cfg.data.train, tokenizer, cfg.data)
-    stages = {"data": _vm_hwm()}
-    if spec.get("keep_16bit_norms"):
-        model = _load_without_upcast(base_path, cfg)
-    else:
-        model = models.load_base(
-            base_path, cfg.model, cfg.quant, training=True, gradient_checkpointing=cfg.train.gradient_checkpointing
-        )
+    stages = {"data": _vm()}
+    model = models.load_base(
+        base_path,
+        cfg.model,
+        cfg.quant,
+        training=True,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every=cfg.train.checkpoint_every,
+    )
     model = lora.attach_lora(model, cfg.lora)
-    stages["model"] = _vm_hwm()
+    stages["model"] = _vm()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as work:
         trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(examples), cfg, Path(work))
         counts = _count_tokens(trainer)
-        stages["trainer"] = _vm_hwm()
+        trace = _trace_rss(trainer)
+        stages["trainer"] = _vm()
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     micro = spec["steps"] * cfg.train.grad_accum  # the collator may build a batch ahead: count those trained on
-    stages["train"] = _vm_hwm()
+    stages["train"] = _vm()
     return {
         "tokens": sum(counts[:micro]),
         "seconds": seconds,
         "losses": losses,
         "gpu_peak": _peak_gpu(),
         "rss_stages": stages,  # the peak RSS after each stage: where the memory comes from
+        "rss_by_step": trace,
     }
-
-
-def _load_without_upcast(base_path: Path, cfg):
-    """A measured proposal for qtune.models.load_base (not this harness's to change): freeze the quantized base
-    without peft's prepare_model_for_kbit_training, which upcasts norms and embeddings to fp32. bitsandbytes casts
-    each 4-bit layer's output back to its input's dtype, so fp32 norms make the whole residual stream and every
-    MLP intermediate fp32: twice the activation memory. The plain TRL + PEFT script does not upcast either.
-    """
-    from qtune import models
-
-    model = models.load_base(base_path, cfg.model, cfg.quant, training=False)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if cfg.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model
 
 
 def child_baseline(spec: dict) -> list[str]:
@@ -302,8 +306,7 @@ def table(rows: list[dict], reference: str, gpu: bool) -> str:
 def parse_arms(specs: list[str] | None) -> list[tuple[str, str, list[str]]]:
     """`name=kind[:override,override]` -> (name, kind, overrides); default: baseline, then qtune.
 
-    Kinds: baseline (benchmarks/baseline_sft.py), qtune (the recipe's calls), qtune-16bit-norms (the same,
-    with the base loaded as `_load_without_upcast` proposes).
+    Kinds: baseline (benchmarks/baseline_sft.py), qtune (the recipe's calls).
     """
     if not specs:
         return [("baseline", "baseline", []), ("qtune", "qtune", [])]
@@ -311,10 +314,8 @@ def parse_arms(specs: list[str] | None) -> list[tuple[str, str, list[str]]]:
     for spec in specs:
         name, _, rest = spec.partition("=")
         kind, _, overrides = rest.partition(":")
-        if kind not in ("baseline", "qtune", "qtune-16bit-norms"):
-            raise SystemExit(
-                f"--arm {spec}: the kind must be baseline, qtune or qtune-16bit-norms (name=qtune:train.x=y,...)"
-            )
+        if kind not in ("baseline", "qtune"):
+            raise SystemExit(f"--arm {spec}: the kind must be baseline or qtune (name=qtune:train.x=y,...)")
         arms.append((name, kind, [o for o in overrides.split(",") if o]))
     return arms
 
@@ -327,7 +328,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (demo: 1; 7B: 8)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument(
-        "--arm", action="append", help="name=baseline|qtune|qtune-16bit-norms[:overrides]; repeat; first is reference"
+        "--arm", action="append", help="name=baseline|qtune[:overrides]; repeat; the first is the reference"
     )
     parser.add_argument("--gpu-7b", action="store_true", help="the GPU workload: random Llama-2-7B shape, nf4, 2048")
     parser.add_argument("--smoke", action="store_true", help="5 steps, 1 round: checks that everything runs")
@@ -360,7 +361,6 @@ def main() -> None:
         for rep in range(args.reps):
             for name, kind, overrides in arms:
                 spec = {**workload, "overrides": [*workload.get("qtune_defaults", []), *overrides]}
-                spec["keep_16bit_norms"] = kind == "qtune-16bit-norms"
                 t0 = time.perf_counter()
                 result = run_child(kind, spec, tmp / f"{name}-{rep}.log")
                 results[name].append(result)
@@ -368,6 +368,11 @@ def main() -> None:
                     f"round {rep + 1} {name}: {result['tokens'] / result['seconds']:.1f} tokens/s "
                     f"({result['tokens']} in {result['seconds']:.1f} s), peak RSS {result['rss_peak'] / 2**30:.2f} GiB"
                     + (f", peak VRAM {result['gpu_peak'] / 2**30:.2f} GiB" if result.get("gpu_peak") else "")
+                    + (
+                        f", RSS growth {_growth(result['rss_by_step']):.1f} MiB/step"
+                        if result.get("rss_by_step") and _growth(result["rss_by_step"]) is not None
+                        else ""
+                    )
                     + f", final loss {result['losses'][-1]:.4f} [{time.perf_counter() - t0:.0f} s]",
                     flush=True,
                 )

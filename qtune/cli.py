@@ -162,6 +162,7 @@ def cmd_plan(args) -> None:
         lora_r=args.lora_r,
         targets=args.targets,
         gradient_checkpointing=args.gradient_checkpointing == "on",
+        checkpoint_every=args.checkpoint_every,
         optim=args.optim,
         dtype=args.dtype,
         vram=plan.parse_bytes(args.vram) if args.vram else None,
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=_positive_int("--lora-r"), default=16)
     p.add_argument("--targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=1, help="checkpoint only every k-th decoder layer (default 1: all)"
+    )
     p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--gpus", type=_positive_int("--gpus"), default=1, help="GPUs the run spreads over (per-GPU plan)")

@@ -97,6 +97,17 @@ class TrainConfig:
     max_grad_norm: float = _help("Gradient clipping norm.", 1.0)
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer.", "adamw")
     gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", False)
+    checkpoint_every: int = _help(
+        "With gradient_checkpointing: recompute only every k-th decoder layer (1: all; 2: half), keeping the "
+        "others' activations -- less recomputation for more memory (selective checkpointing, as in torchtune). "
+        "train.fit_to_vram checkpoints all layers or none.",
+        1,
+    )
+    pad_to_multiple_of: int = _help(
+        "Pad each micro-batch's length up to a multiple of this (0: to its longest example only). Fewer distinct "
+        "shapes: on a CPU each new one grows the memory oneDNN and the allocator keep (docs/performance.md).",
+        8,
+    )
     group_by_length: bool = _help("Batch examples of similar length together (less padding).", True)
     padding_free: bool = _help(
         "Causal LM: concatenate each micro-batch into one row without padding; position_ids keep the examples from "
@@ -129,9 +140,13 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
+        for key in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints", "checkpoint_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.pad_to_multiple_of < 0:
+            raise ConfigError(
+                f"train.pad_to_multiple_of must be >= 0 (0: no extra padding), got {self.pad_to_multiple_of}"
+            )
         if self.max_steps < 0:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.save_every < 0:

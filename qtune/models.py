@@ -163,6 +163,7 @@ def load_base(
     *,
     training: bool = False,
     gradient_checkpointing: bool = False,
+    checkpoint_every: int = 1,
     auto_class=None,
     skip_modules: list[str] | None = None,
     fsdp: bool = False,
@@ -170,8 +171,10 @@ def load_base(
 ):
     """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference.
 
-    `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left unquantized; `fsdp` stores
-    4-bit weights so FSDP can shard them; `model_kwargs` go to `from_pretrained` (e.g. num_labels, id2label).
+    With `gradient_checkpointing`, every `checkpoint_every`-th decoder layer recomputes its activations in
+    backward (1: all of them). `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left
+    unquantized (and trained in fp32); `fsdp` stores 4-bit weights so FSDP can shard them; `model_kwargs`
+    go to `from_pretrained` (e.g. num_labels, id2label).
     """
     from transformers import AutoModelForCausalLM
 
@@ -195,16 +198,43 @@ def load_base(
     except (OSError, ValueError) as e:  # no safetensors weights, an unknown architecture, a broken config
         raise ModelError(f"{path}: cannot load the base model: {e}") from None
     if training:
-        if qconfig is not None:
-            from peft import prepare_model_for_kbit_training
-
-            # Freezes the base and upcasts its non-quantized parameters (norms, embeddings) to fp32.
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        # The base stays frozen and in the compute dtype; peft makes only the adapters trainable (in fp32).
+        # Not peft's prepare_model_for_kbit_training: it upcasts norms and embeddings to fp32, and bitsandbytes
+        # then returns every 4-bit layer's output in fp32 too -- twice the activation memory and slower, for
+        # no measured gain in what is learned (docs/performance.md). The plain TRL + PEFT script does the same.
+        for param in base.parameters():
+            param.requires_grad_(False)
+        for name in skip_modules or ():
+            # Trained in full (a new classification head): fp32 weights, so small AdamW updates are not rounded away.
+            _submodule(base, name).float()
         if gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and is the faster variant.
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if checkpoint_every > 1:
+                _checkpoint_every(base, checkpoint_every)
         base.config.use_cache = False
     return base
+
+
+def _checkpoint_every(model, every: int) -> None:
+    """Leave checkpointing on for decoder layers 0, k, 2k, ... only.
+
+    transformers checkpoints a layer when its documented `gradient_checkpointing` attribute is true
+    (GradientCheckpointingLayer); `activation_checkpointing_enable` sets it on all of them.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+
+
+def _submodule(model, name: str):
+    """`name` as new_modules reports it (without the base-model prefix) in `model`."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_submodule(f"{model.base_model_prefix}.{name}")
 
 
 def _refuse_model_code(path: Path) -> None:
@@ -229,6 +259,7 @@ def load_classifier(
     pad_token_id: int | None = None,
     training: bool = False,
     gradient_checkpointing: bool = False,
+    checkpoint_every: int = 1,
     fsdp: bool = False,
 ):
     """Load a base with a sequence-classification head for `id2label`; returns (model, head module names).
@@ -245,6 +276,7 @@ def load_classifier(
         quant,
         training=training,
         gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every,
         auto_class=AutoModelForSequenceClassification,
         skip_modules=head or None,
         fsdp=fsdp,

@@ -66,6 +66,12 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def _checkpointing(inp: PlanInput) -> str:
+    if not inp.gradient_checkpointing:
+        return "off"
+    return "on" if inp.checkpoint_every == 1 else f"on every {inp.checkpoint_every} layers"
+
+
 def _gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -92,14 +98,24 @@ class PlanInput:
     vram: int | None = _help("GPU memory in bytes to plan against (None: just report).", None)
     gpus: int = _help("Processes (one per GPU) the run is spread over; the plan is per GPU.", 1)
     sharding: Literal["ddp", "fsdp"] = _help("Data parallel: a full copy per GPU (ddp) or sharded (fsdp).", "ddp")
+    checkpoint_every: int = _help(
+        "With checkpointing: only every k-th decoder layer recomputes (1: all); the others keep their activations.",
+        1,
+    )
     upcast_kbit: bool = _help(
-        "Model peft's prepare_model_for_kbit_training (qtune's training path calls it): it casts every "
-        "non-quantized weight to fp32. Off for stacks that keep them 16-bit (torchtune, LitGPT).",
-        True,
+        "Model peft's prepare_model_for_kbit_training, which casts every non-quantized weight to fp32 (the "
+        "QLoRA paper's and many scripts' setup). qtune does not call it: it keeps them in the compute dtype.",
+        False,
     )
 
     def __post_init__(self) -> None:
-        for key, flag in (("seq", "--seq"), ("batch", "--batch"), ("lora_r", "--lora-r"), ("gpus", "--gpus")):
+        for key, flag in (
+            ("seq", "--seq"),
+            ("batch", "--batch"),
+            ("lora_r", "--lora-r"),
+            ("gpus", "--gpus"),
+            ("checkpoint_every", "--checkpoint-every"),
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PlanError(f"{flag} must be a positive integer, got {value!r}")
@@ -198,7 +214,7 @@ class Plan:
         targets = inp.targets if isinstance(inp.targets, str) else ",".join(inp.targets)
         lines = [
             f"{self.arch}: {quant}, seq {inp.seq} x batch {inp.batch}, {inp.dtype}, {inp.optim}, "
-            f"checkpointing {'on' if inp.gradient_checkpointing else 'off'}"
+            f"checkpointing {_checkpointing(inp)}"
             + (f"; per GPU of {inp.gpus} ({inp.sharding})" if inp.gpus > 1 else ""),
             f"LoRA r={inp.lora_r} on {targets}: {self.lora_params:,} trainable parameters",
             "",
@@ -330,9 +346,13 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
     cb = DTYPE_BYTES[inp.dtype]
     autocast = inp.dtype != "fp32"
     quantized = inp.quant != "none"
-    # qtune calls prepare_model_for_kbit_training on a quantized base only: it casts embeddings,
-    # lm_head, norms and biases to fp32 (buffers are not parameters and stay as loaded).
+    # peft's prepare_model_for_kbit_training (not qtune's path; see PlanInput.upcast_kbit) casts a quantized
+    # base's embeddings, lm_head, norms and biases to fp32 (buffers are not parameters and stay as loaded).
     upcast = quantized and inp.upcast_kbit
+    # Checkpointed decoder layers (0, k, 2k, ...) keep only their input; the others keep everything, and in
+    # backward one checkpointed layer at a time is recomputed in full.
+    checkpointed = -(-layers // inp.checkpoint_every) if inp.gradient_checkpointing else 0
+    kept = layers - checkpointed + (1 if checkpointed else 0)
 
     unquantized = _unquantized_params(arch) * (4 if upcast else cb) + _buffer_bytes(arch, inp.dtype)
     if quantized:
@@ -344,18 +364,15 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
     lora_params = sum(sizes)
     # PEFT keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype). Under autocast
     # each forward makes a 16-bit copy of every LoRA weight and autograd keeps it until backward;
-    # with checkpointing only the layer being recomputed holds its copies.
+    # with checkpointing only the layers that are not checkpointed and the one being recomputed hold theirs.
     lora_copies = 0
     if autocast:
-        lora_copies = cb * (lora_params // layers if inp.gradient_checkpointing else lora_params)
+        lora_copies = cb * (lora_params if not checkpointed else lora_params // layers * kept)
 
     per_layer = _layer_activations(arch, inp, upcast)
-    if inp.gradient_checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input (the residual stream: fp32 after
-        # k-bit preparation, else 16-bit) and recomputes one layer at a time in backward.
-        activations = tokens * layers * (4 if upcast else cb) * h + per_layer
-    else:
-        activations = layers * per_layer
+    # Non-reentrant checkpointing keeps each checkpointed layer's input (the residual stream: fp32 after
+    # k-bit preparation, else 16-bit) and recomputes one layer at a time in backward.
+    activations = tokens * checkpointed * (4 if upcast else cb) * h + kept * per_layer
     rope = 2 * arch["head_dim"] * (4 if upcast else cb) * inp.seq  # cos and sin, shared by layers
     final_norm = tokens * (4 * h + 4)
     if any(name == "lm_head" for name, *_ in _targets(arch, inp.targets)):
@@ -464,10 +481,12 @@ def fit_to_vram(arch: dict, inp: PlanInput, vram: int) -> tuple[PlanInput, int]:
     divisors = [d for d in range(inp.batch, 0, -1) if inp.batch % d == 0]
     for checkpointing in (False, True):
         for micro in divisors:
-            candidate = dataclasses.replace(inp, batch=micro, gradient_checkpointing=checkpointing, vram=vram)
+            candidate = dataclasses.replace(
+                inp, batch=micro, gradient_checkpointing=checkpointing, checkpoint_every=1, vram=vram
+            )
             if _total(arch, candidate) <= vram:
                 return candidate, inp.batch // micro
-    one = dataclasses.replace(inp, batch=1, gradient_checkpointing=True, vram=vram)
+    one = dataclasses.replace(inp, batch=1, gradient_checkpointing=True, checkpoint_every=1, vram=vram)
     longest = _largest(lambda s: _total(arch, dataclasses.replace(one, seq=s)) <= vram)
     if longest == 0:
         need = _gib(_total(arch, dataclasses.replace(one, seq=1)))

@@ -103,6 +103,7 @@ def sft_args(cfg: RunConfig, work_dir: Path):
         # builds a block-diagonal mask (sdpa, eager) or varlen boundaries (flash attention): no cross-attention.
         # A micro-batch of one has no padding to remove.
         padding_free=cfg.train.padding_free and cfg.train.batch_size > 1,
+        pad_to_multiple_of=cfg.train.pad_to_multiple_of or None,
         dataset_num_proc=None,
     )
 
@@ -476,6 +477,7 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
         optim=cfg.train.optim,
         dtype=cfg.model.dtype,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every=cfg.train.checkpoint_every,
         gpus=int(os.environ.get("WORLD_SIZE", "1")),  # under torchrun / accelerate: plan per GPU
         sharding="fsdp" if cfg.train.fsdp else "ddp",
     )
@@ -488,7 +490,11 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
             f"{e} (lower data.max_length, quant.method or lora.r, or raise train.fit_to_vram)"
         ) from None
     train_cfg = dataclasses.replace(
-        cfg.train, batch_size=chosen.batch, grad_accum=accum, gradient_checkpointing=chosen.gradient_checkpointing
+        cfg.train,
+        batch_size=chosen.batch,
+        grad_accum=accum,
+        gradient_checkpointing=chosen.gradient_checkpointing,
+        checkpoint_every=chosen.checkpoint_every,
     )
     peak = plan.estimate(arch, chosen).total
     note = (
@@ -526,5 +532,5 @@ def build_classification_trainer(model, tokenizer, train_dataset, cfg: RunConfig
         checkpoints,
         callbacks,
         make_args,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.train.pad_to_multiple_of or None),
     )

@@ -56,6 +56,7 @@ def main(cfg: RunConfig) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         training=True,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every=cfg.train.checkpoint_every,
         fsdp=cfg.train.fsdp,
     )
     lora_cfg = dataclasses.replace(cfg.lora, modules_to_save=sorted({*cfg.lora.modules_to_save, *head}))

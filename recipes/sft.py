@@ -49,13 +49,14 @@ def main(cfg: RunConfig) -> Path:
     run = checkpoint.identity(cfg, fingerprint, train_report.fingerprint)
     resume_from = checkpoint.prepare(cfg, run)
 
-    # 3. The base, quantized, prepared for k-bit training; then fresh LoRA adapters on top.
+    # 3. The base, quantized and frozen; then fresh LoRA adapters on top.
     model = models.load_base(
         base_path,
         cfg.model,
         cfg.quant,
         training=True,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every=cfg.train.checkpoint_every,
         fsdp=cfg.train.fsdp,
     )
     model = lora.attach_lora(model, cfg.lora)

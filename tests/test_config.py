@@ -49,6 +49,8 @@ def test_yaml_and_typed_overrides(tmp_path):
         ("train.batch_size=0", "train.batch_size must be positive"),
         ("lora.r=0", "lora.r must be a positive integer"),
         ("train.gradient_checkpointing=maybe", "`train.gradient_checkpointing` must be true or false"),
+        ("train.checkpoint_every=0", "train.checkpoint_every must be positive, got 0"),
+        ("train.pad_to_multiple_of=-8", "train.pad_to_multiple_of must be >= 0 (0: no extra padding), got -8"),
         ("train.lr", "not of the form key=value"),
         ("model.name.x=1", "`model.name` must be a string"),
         ("eval.batch_size=0", "eval.batch_size must be positive"),

@@ -1,5 +1,6 @@
 """The speed work changes how qtune computes, never what it learns: padding-free packing, the
-trained-positions loss, length-grouped batches; each on and off on a tiny random Llama (fp32)."""
+trained-positions loss, length-grouped batches, padding to a multiple, checkpointing; each on and off
+on a tiny random Llama (fp32)."""
 
 import json
 
@@ -114,6 +115,28 @@ def test_each_speed_switch_leaves_the_loss_curve_unchanged(speed_cfg, switch):
         assert abs(sum(reference) - sum(flipped)) / sum(reference) < 0.25
     else:
         torch.testing.assert_close(torch.tensor(flipped), torch.tensor(reference), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_batches_are_padded_to_the_multiple_and_learn_the_same(speed_cfg, tmp_path, tiny_model_dir, padding_free):
+    """train.pad_to_multiple_of (default 8) rounds every micro-batch's length up; the extra padding is
+    masked, so 0 (no rounding) and 64 (every batch one shape) log the defaults' losses."""
+    from qtune import data, models, train
+
+    cfg = speed_cfg(f"train.padding_free={padding_free}")
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    examples, _ = data.load_examples(cfg.data.train, tokenizer, cfg.data)
+    model = models.load_base(tiny_model_dir, cfg.model, cfg.quant, training=True)
+    trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(examples), cfg, tmp_path / "ck")
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples[:3]]
+    batch = trainer.data_collator(rows)
+    real = sum(len(r["input_ids"]) for r in rows) if padding_free else max(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape[1] % 8 == 0 and real <= batch["input_ids"].shape[1] < real + 8
+    assert real % 8 != 0  # so the rounding above did something
+    reference = _losses(speed_cfg(f"train.padding_free={padding_free}"))
+    for multiple in (0, 64):
+        losses = _losses(speed_cfg(f"train.padding_free={padding_free}", f"train.pad_to_multiple_of={multiple}"))
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-4, atol=1e-5)
 
 
 def test_trained_positions_loss_under_gradient_accumulation(speed_cfg):

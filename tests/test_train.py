@@ -299,6 +299,53 @@ def test_load_base_for_training_switches_checkpointing_and_freezes(tiny_model_di
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_a_quantized_base_is_frozen_in_the_compute_dtype_and_a_new_head_trains_in_fp32(tiny_model_dir, quant):
+    """Not peft's prepare_model_for_kbit_training: norms and embeddings stay bf16 (fp32 ones would make
+    every 4-bit layer's output, and so every activation, fp32); only a module trained in full is fp32."""
+    from qtune.config import ModelConfig, QuantConfig
+    from qtune.models import load_base, load_classifier
+
+    model = load_base(tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), training=True)
+    floats = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point}
+    assert floats and {p.dtype for p in floats.values()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
+    classifier, head = load_classifier(
+        tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), {0: "neg", 1: "pos"}, training=True
+    )
+    assert head == ["score"]
+    assert classifier.score.weight.dtype == torch.float32
+    assert classifier.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_checkpoint_every_recomputes_every_kth_layer_and_learns_the_same(run_cfg, tiny_model_dir):
+    from qtune.config import ModelConfig, QuantConfig
+    from qtune.models import load_base
+
+    model = load_base(
+        tiny_model_dir,
+        ModelConfig(dtype="fp32"),
+        QuantConfig(method="none"),
+        training=True,
+        gradient_checkpointing=True,
+        checkpoint_every=2,
+    )
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+    plain = read_meta(sft.main(run_cfg("quant.method=none", "output.name=plain")))
+    half = read_meta(
+        sft.main(
+            run_cfg(
+                "quant.method=none",
+                "output.name=half",
+                "train.gradient_checkpointing=true",
+                "train.checkpoint_every=2",
+            )
+        )
+    )
+    losses = [loss for _, loss in plain["training"]["loss_curve"]]
+    assert [loss for _, loss in half["training"]["loss_curve"]] == pytest.approx(losses, rel=1e-4)
+
+
 @pytest.mark.parametrize("switch", ["lora.dora=true", "lora.rslora=true"])
 def test_dora_and_rslora_switches_reach_the_adapter_config(run_cfg, switch):
     out = sft.main(run_cfg("quant.method=none", switch))
