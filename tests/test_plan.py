@@ -189,7 +189,7 @@ def _saved_bytes(folder, quant: str, checkpointing: bool, targets, batch: int, s
         True,
         training=True,
         gradient_checkpointing=bool(checkpointing),
-        checkpoint_every=1 if checkpointing is True else checkpointing or 1,
+        checkpoint_every=1 if isinstance(checkpointing, bool) else checkpointing,
     )
     model = attach_lora(model, LoraConfig(r=8, targets=targets))
     model.train()
@@ -233,7 +233,7 @@ def test_activation_model_matches_what_autograd_saves_per_layer(tiny, variant, q
     measured = _saved_bytes(tiny(variant, 2), quant, checkpointing, targets, batch, seq) - _saved_bytes(
         tiny(variant, 1), quant, checkpointing, targets, batch, seq
     )
-    every = {True: 1, False: 1}.get(checkpointing, checkpointing)
+    every = 1 if isinstance(checkpointing, bool) else checkpointing
     inp = PlanInput(
         seq=seq,
         batch=batch,
@@ -407,6 +407,7 @@ def test_parse_bytes_not_positive(text):
         ({"vram": 0}, "--vram must be a positive number of bytes, got 0"),
         ({"vram": "8GB"}, "--vram must be a positive number of bytes, got '8GB'"),
         ({"gradient_checkpointing": "yes"}, "--gradient-checkpointing must be true or false, got 'yes'"),
+        ({"checkpoint_every": 0}, "--checkpoint-every must be a positive integer, got 0"),
     ],
 )
 def test_plan_input_errors_name_the_flag(kwargs, message):
