@@ -57,6 +57,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# What qtune did before a key existed, where that differs from the key's default: a checkpoint written then
+# resumes only with that value, so a resumed run trains as the interrupted one did.
+_BEFORE_THE_KEY = {"train.pad_to_multiple_of": 0}
+
+
 def root(cfg: RunConfig) -> Path:
     """The run's checkpoint folder."""
     return Path(cfg.output.dir) / f"{cfg.output.name}.checkpoints"
@@ -103,11 +108,12 @@ def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
         diffs.append("the training data file differs (fingerprint)")
     if recorded.get("processes", 1) != now["processes"]:
         diffs.append(f"{recorded.get('processes', 1)} training processes then, {now['processes']} now")
-    # A key the recorded run did not have (an older qtune) held its default then.
+    # A key the recorded run did not have (an older qtune) held its default then, or what that qtune did.
     old, new, defaults = recorded.get("config", {}), now["config"], _flat(to_dict(RunConfig()))
     for key in sorted(set(old) | set(new)):
-        if old.get(key, defaults.get(key)) != new.get(key, defaults.get(key)):
-            diffs.append(f"{key}: {old.get(key, defaults.get(key))!r} then, {new.get(key, defaults.get(key))!r} now")
+        then, now_ = old.get(key, _BEFORE_THE_KEY.get(key, defaults.get(key))), new.get(key, defaults.get(key))
+        if then != now_:
+            diffs.append(f"{key}: {then!r} then, {now_!r} now")
     return diffs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import Counter
 from dataclasses import dataclass, field
@@ -167,11 +168,23 @@ def predict_proba(
     device = next(model.parameters()).device
     out = torch.empty((len(inputs), model.config.num_labels))
     batches = [range(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
-    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        padded = tokenizer.pad({"input_ids": [inputs[i] for i in batch]}, return_tensors="pt")
-        logits = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device))
-        out[batch.start : batch.stop] = logits.logits.float().softmax(-1).cpu()
+    with _as_trained(model, device):
+        for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+            padded = tokenizer.pad({"input_ids": [inputs[i] for i in batch]}, return_tensors="pt")
+            ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+            out[batch.start : batch.stop] = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1).cpu()
     return out
+
+
+def _as_trained(model, device: torch.device):
+    """Autocast to the base's 16-bit dtype for a model fresh from training: its base is bf16/fp16 but its new head
+    is fp32 (qtune.models.load_base trains it so), which only autocast, as in the trainer, can multiply together.
+    A model loaded for inference holds its head in the base's dtype and runs as it is."""
+    dtypes = {p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n}
+    low = sorted(dtypes & {torch.bfloat16, torch.float16}, key=str)
+    if low and torch.float32 in dtypes:
+        return torch.autocast(device.type, dtype=low[0])
+    return contextlib.nullcontext()
 
 
 def metrics(y_true: list[int], y_pred: list[int], id2label: dict[int, str]) -> dict:

@@ -209,24 +209,12 @@ def load_base(
             _submodule(base, name).float()
         if gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and is the faster variant.
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            if checkpoint_every > 1:
-                _checkpoint_every(base, checkpoint_every)
+            # every_n_layers: transformers' own selective checkpointing (decoder layers 0, k, 2k, ...).
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=checkpoint_every
+            )
         base.config.use_cache = False
     return base
-
-
-def _checkpoint_every(model, every: int) -> None:
-    """Leave checkpointing on for decoder layers 0, k, 2k, ... only.
-
-    transformers checkpoints a layer when its documented `gradient_checkpointing` attribute is true
-    (GradientCheckpointingLayer); `activation_checkpointing_enable` sets it on all of them.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
 
 
 def _submodule(model, name: str):

@@ -349,10 +349,13 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
     # peft's prepare_model_for_kbit_training (not qtune's path; see PlanInput.upcast_kbit) casts a quantized
     # base's embeddings, lm_head, norms and biases to fp32 (buffers are not parameters and stay as loaded).
     upcast = quantized and inp.upcast_kbit
-    # Checkpointed decoder layers (0, k, 2k, ...) keep only their input; the others keep everything, and in
-    # backward one checkpointed layer at a time is recomputed in full.
+    # Checkpointed decoder layers (0, k, 2k, ...) keep only their input; the others keep everything. Backward runs
+    # top down, freeing each layer's activations as it goes, and recomputes a checkpointed layer in full only when
+    # it gets there: the peak is all non-checkpointed layers, or, if the last layer is checkpointed, those plus its
+    # recomputation (with every layer checkpointed: one layer).
     checkpointed = -(-layers // inp.checkpoint_every) if inp.gradient_checkpointing else 0
-    kept = layers - checkpointed + (1 if checkpointed else 0)
+    last_recomputed = checkpointed and (layers - 1) % inp.checkpoint_every == 0
+    kept = layers - checkpointed + (1 if last_recomputed else 0)
 
     unquantized = _unquantized_params(arch) * (4 if upcast else cb) + _buffer_bytes(arch, inp.dtype)
     if quantized:

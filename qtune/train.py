@@ -460,13 +460,16 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
     """Apply `train.fit_to_vram`: pick micro-batch, grad_accum and checkpointing that fit, per qtune.plan.
 
     The effective batch (batch_size x grad_accum) is kept. `longest` is the longest tokenized
-    example, where memory peaks. Returns the adjusted config and a sentence saying what was chosen.
+    example, where memory peaks (planned padded up to train.pad_to_multiple_of). Returns the adjusted
+    config and a sentence saying what was chosen.
     """
     import dataclasses
 
     from qtune import plan
 
     vram = plan.parse_bytes(cfg.train.fit_to_vram)
+    multiple = cfg.train.pad_to_multiple_of
+    longest = -(-longest // multiple) * multiple if multiple else longest  # the batch is padded up to it
     wanted = plan.PlanInput(
         seq=longest,
         batch=cfg.train.batch_size * cfg.train.grad_accum,
@@ -502,6 +505,8 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
         f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'} (planned peak {peak / 2**30:.2f} GiB "
         f"at {longest} tokens)"
     )
+    if chosen.gradient_checkpointing and cfg.train.checkpoint_every > 1:
+        note += f"; train.checkpoint_every {cfg.train.checkpoint_every} -> 1: fit_to_vram checkpoints every layer"
     return dataclasses.replace(cfg, train=train_cfg), note
 
 

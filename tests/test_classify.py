@@ -244,3 +244,26 @@ def test_classification_resumes_from_a_checkpoint_to_the_same_adapter(cls_cfg, t
     a = load_file(str(reference / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_a_bf16_classifier_fresh_from_training_predicts_outside_the_trainer(
+    cls_cfg, tiny_model_dir, quant, monkeypatch
+):
+    """The base stays bf16 and the new head trains in fp32: a run whose training is already finished (crashed in
+    evaluation, then resume=auto) evaluates that model without the trainer's autocast, and must still work."""
+    from qtune import classify as qc
+
+    args = ("model.dtype=bf16", f"quant.method={quant}", "train.save_every=4", "output.name=bf16")
+    evaluate = qc.evaluate
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("crash in evaluation")
+
+    monkeypatch.setattr(qc, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(cls_cfg(tiny_model_dir, *args))
+    monkeypatch.setattr(qc, "evaluate", evaluate)
+    out = recipe.main(cls_cfg(tiny_model_dir, *args, "resume=auto"))
+    meta = json.loads((out / "qtune.json").read_text())
+    assert meta["training"]["resumed_from_step"] == 4 and meta["metrics"]["examples"] == len(TEXTS)

@@ -153,12 +153,14 @@ def test_fit_to_vram_in_a_recipe_config(workspace, capsys, tiny_model_dir):
     from qtune.config import DataConfig
 
     examples, _ = load_examples("train.jsonl", load_tokenizer(tiny_model_dir), DataConfig(**cfg_data))
-    longest = max(len(e.input_ids) for e in examples)
+    longest = -(-max(len(e.input_ids) for e in examples) // 8) * 8  # batches are padded to a multiple of 8
     base = plan.PlanInput(seq=longest, lora_r=16, dtype="fp32", quant="none", gradient_checkpointing=False)
     need = {b: plan.estimate(arch, plan.PlanInput(**{**base.__dict__, "batch": b})).total for b in (2, 4)}
     budget = (need[2] + need[4]) // 2
     main(["train", "run.yaml", f"train.fit_to_vram={budget}B", "train.batch_size=4", "output.name=fitted"])
-    assert "micro-batch 2 x grad_accum 2, gradient checkpointing off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "micro-batch 2 x grad_accum 2, gradient checkpointing off" in out
+    assert f"(planned peak {need[2] / 2**30:.2f} GiB at {longest} tokens)" in out
     chosen = json.loads((workspace / "adapters" / "fitted" / "qtune.json").read_text())["config"]["train"]
     assert (chosen["batch_size"], chosen["grad_accum"]) == (2, 2)
 

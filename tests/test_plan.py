@@ -19,6 +19,7 @@ from qtune.plan import (
     MIB,
     PlanError,
     PlanInput,
+    _layer_activations,
     estimate,
     fit_to_vram,
     load_arch,
@@ -228,10 +229,12 @@ def _saved_bytes(folder, quant: str, checkpointing: bool, targets, batch: int, s
 def test_activation_model_matches_what_autograd_saves_per_layer(tiny, variant, quant, checkpointing, targets, batch):
     """One more decoder layer adds what the plan says it adds (activations, plus the 16-bit
     autocast copies of the LoRA weights, which the plan books under LoRA parameters).
-    `checkpointing` 2: every second layer is checkpointed, so the second layer keeps everything."""
+    `checkpointing` 2: every second layer is checkpointed; 4 layers against 2 add one checkpointed
+    layer (its input) and one that keeps everything."""
     seq = 64
-    measured = _saved_bytes(tiny(variant, 2), quant, checkpointing, targets, batch, seq) - _saved_bytes(
-        tiny(variant, 1), quant, checkpointing, targets, batch, seq
+    small, large = (2, 4) if checkpointing not in (True, False) else (1, 2)
+    measured = _saved_bytes(tiny(variant, large), quant, checkpointing, targets, batch, seq) - _saved_bytes(
+        tiny(variant, small), quant, checkpointing, targets, batch, seq
     )
     every = 1 if isinstance(checkpointing, bool) else checkpointing
     inp = PlanInput(
@@ -243,22 +246,37 @@ def test_activation_model_matches_what_autograd_saves_per_layer(tiny, variant, q
         gradient_checkpointing=bool(checkpointing),
         checkpoint_every=every,
     )
-    one, two = (estimate(load_arch(str(tiny(variant, n))), inp) for n in (1, 2))
+    one, two = (estimate(load_arch(str(tiny(variant, n))), inp) for n in (small, large))
     copies = (two.breakdown["LoRA parameters"] - 4 * two.lora_params) - (
         one.breakdown["LoRA parameters"] - 4 * one.lora_params
     )
     if checkpointing is True:
         copies = 0  # the copies are made again while recomputing; none are kept per layer
-    if checkpointing not in (True, False):
-        # The one-layer model's only layer is checkpointed: it holds RoPE's cos and sin through keyword arguments,
-        # out of the hook's sight; the two-layer model's second layer saves them where the hook sees them. The
-        # plan counts them once in both (the `rope` term), as they are alive either way.
-        measured -= 2 * seq * load_arch(str(tiny(variant, 1)))["head_dim"] * 2
     predicted = two.breakdown["activations"] - one.breakdown["activations"] + copies
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
 # ------------------------------------------------------------------------------ planner behaviour
+
+
+def test_checkpointing_every_kth_layer_plans_between_none_and_all():
+    """Backward frees the layers above the one it recomputes: with k >= L (only layer 0 checkpointed) the
+    plan is still below no checkpointing, and k = 2 lies between all layers and none."""
+    arch = load_arch("llama-2-7b")
+
+    def activations(**kw):
+        return estimate(arch, PlanInput(seq=2048, **kw)).breakdown["activations"]
+
+    off, every = activations(gradient_checkpointing=False), activations(gradient_checkpointing=True)
+    half = activations(checkpoint_every=2)
+    assert every < half < off
+    assert activations(checkpoint_every=32) < off and activations(checkpoint_every=64) < off
+    # 32 layers, k = 2: layers 0, 2, ..., 30 keep their inputs, the 16 others everything; layer 31 is not
+    # checkpointed, so at the start of backward no layer is being recomputed while those 16 are all held.
+    full = _layer_activations(arch, PlanInput(seq=2048), upcast=False)
+    layer_input = 2048 * arch["hidden_size"] * 2
+    assert off - half == 16 * (full - layer_input)
+    assert half - every == 15 * full - 16 * layer_input
 
 
 def test_monotone_in_sequence_batch_and_checkpointing():

@@ -155,6 +155,24 @@ def test_resume_with_a_different_config_or_data_is_refused(run_args, tmp_path):
         sft.main(load_config(None, [*first, "output.overwrite=true", "resume=checkpoint-2"]))
 
 
+def test_a_checkpoint_from_before_a_config_key_resumes_only_as_it_was_trained(run_args):
+    """A qtune that lacked train.pad_to_multiple_of padded to the longest example only: its checkpoints
+    resume with train.pad_to_multiple_of=0, and the new default 8 is refused by name."""
+    first = [*run_args, "output.name=run", "train.max_steps=4", "train.pad_to_multiple_of=0"]
+    first += ["output.keep_checkpoints=true"]
+    sft.main(load_config(None, first))
+    cfg = load_config(None, first)
+    run_file = checkpoint.root(cfg) / checkpoint.RUN_FILE
+    recorded = json.loads(run_file.read_text())
+    del recorded["config"]["train.pad_to_multiple_of"]  # as an older qtune wrote it
+    run_file.write_text(json.dumps(recorded))
+    again = [a for a in first if a != "train.pad_to_multiple_of=0"] + ["output.overwrite=true", "resume=auto"]
+    with pytest.raises(ConfigError, match=r"train.pad_to_multiple_of: 0 then, 8 now"):
+        sft.main(load_config(None, again))
+    resumed = sft.main(load_config(None, [*again, "train.pad_to_multiple_of=0"]))
+    assert read_meta(resumed)["training"]["resumed_from_step"] == 4
+
+
 def poison(monkeypatch, marker: int) -> None:
     """Make the model's embeddings NaN for any sequence holding token `marker` (a hook on our model, not a patch)."""
     attach = lora.attach_lora
