@@ -96,12 +96,12 @@ def main() -> None:
         peft_config=peft_config,
     )
 
-    # Measurement only (not part of a user's script): non-padding tokens fed to the model, wall time of train().
-    counter = _TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
+    # Measurement only (not part of a user's script), with the harness's own helpers, as for qtune's arm:
+    # non-padding tokens fed to the model, RSS after every step, wall time of train().
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.train_speed import _trace_rss  # the harness's RSS-per-step trace, as for qtune's arm
+    from benchmarks.train_speed import _count_tokens, _trace_rss
 
+    counts = _count_tokens(trainer)
     trace = _trace_rss(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -110,24 +110,12 @@ def main() -> None:
     seconds = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    trained = sum(counter.counts[: args.steps * args.grad_accum])  # the collator may build a batch ahead
+    trained = sum(counts[: args.steps * args.grad_accum])  # the collator may build a batch ahead
     print(
         json.dumps(
             {"tokens": trained, "seconds": seconds, "losses": losses, "gpu_peak": gpu_peak, "rss_by_step": trace}
         )
     )
-
-
-class _TokenCounter:
-    """Wraps the trainer's collator to count the non-padding tokens of every batch it builds."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.counts = []
-
-    def __call__(self, examples):
-        self.counts.append(sum(len(e["input_ids"]) for e in examples))
-        return self.collator(examples)
 
 
 if __name__ == "__main__":

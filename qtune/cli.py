@@ -312,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
     p.add_argument(
-        "--checkpoint-every", type=int, default=1, help="checkpoint only every k-th decoder layer (default 1: all)"
+        "--checkpoint-every",
+        type=_positive_int("--checkpoint-every"),
+        default=1,
+        help="checkpoint only every k-th decoder layer (default 1: all)",
     )
     p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
