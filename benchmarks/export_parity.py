@@ -7,7 +7,7 @@ Trains a small QLoRA adapter (nf4 base, r=16 all-linear, 20 steps) through the s
 reports the largest |logit difference| over a few prompts (49,152-way logits at every position):
   merge fp32 / bf16         vs the fp32 base + the adapter, unmerged (plain PEFT)
   gguf f16 / q8_0           vs the fp32 merged HF model, loaded back through transformers' GGUF loader
-  merge into nf4            vs the same reference (the rounding FIELD.md #1 warns about)
+  merge into nf4            vs the same reference (the rounding huggingface/peft#2321 warns about)
 and the peak RSS of a bf16 `qtune merge` subprocess next to that of a subprocess that only imports
 the stack, to check the merge holds one copy of the weights. Results are printed, not asserted.
 """
@@ -94,7 +94,8 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune import export, gguf_export
+    from qtune import export
+    from qtune.export import gguf as gguf_export
     from qtune.models import ensure_embedded_model
 
     base = ensure_embedded_model()

@@ -15,6 +15,7 @@ Results are printed as a markdown table, not asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import tempfile
@@ -79,7 +80,9 @@ def measure(base: Path, seq: int, batch: int, checkpointing: bool) -> int | None
             "output.name=unused",
         ],
     )
-    model = qmodels.load_base(base, cfg.model, cfg.quant, training=True, gradient_checkpointing=checkpointing)
+    model = qmodels.load_base(
+        base, cfg.model, cfg.quant, dataclasses.replace(cfg.train, gradient_checkpointing=checkpointing)
+    )
     model = lora.attach_lora(model, cfg.lora)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

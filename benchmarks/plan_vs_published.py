@@ -1,4 +1,7 @@
-"""The VRAM planner's predictions next to the published measurements in FIELD.md.
+"""The VRAM planner's predictions next to published measurements: torchtune's README
+(https://github.com/pytorch/torchtune), LitGPT's resource tables
+(https://github.com/Lightning-AI/litgpt/blob/main/tutorials/resource-tables.md), the QLoRA paper
+(Dettmers et al. 2023, https://arxiv.org/abs/2305.14314) and Unsloth's README (https://github.com/unslothai/unsloth).
 
 Run:  HF_HUB_OFFLINE=1 python benchmarks/plan_vs_published.py
 
@@ -130,7 +133,8 @@ def context_rows() -> list[str]:
 
 
 def arithmetic_rows() -> list[str]:
-    """FIELD.md's own arithmetic for a 7B, recomputed exactly."""
+    """Hand arithmetic for a 7B (the QLoRA paper's 4.5 / ~4.127 bits per NF4 weight, PEFT's trainable-parameter
+    count, the models' configs), recomputed exactly."""
     llama2, llama3 = load_arch("llama-2-7b"), load_arch("llama-3.1-8b")
     bf16 = weight_bytes(llama2, "none", False, "bf16")
     nf4 = weight_bytes(llama2, "nf4", True, "bf16") + quant_constant_bytes(llama2, "nf4", True)
@@ -175,7 +179,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print("\n".join(context_rows()))
     print()
-    print("| FIELD.md arithmetic | published | planner |")
+    print("| hand arithmetic (QLoRA paper's bits per weight, PEFT's LoRA count, model configs) | by hand | planner |")
     print("|---|---|---|")
     print("\n".join(arithmetic_rows()))
     print()

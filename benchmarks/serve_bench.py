@@ -136,7 +136,7 @@ def throughput(pool, names: list[str], max_tokens: int, max_batch: int, concurre
 
 
 def switch_cost(pool, names: list[str], max_tokens: int, repeats: int = 3) -> dict:
-    from qtune.decode import BASE, Row, Sampling
+    from qtune.serve.decode import BASE, Row, Sampling
 
     def batch(adapters: list[str]) -> float:
         rows = [
@@ -175,7 +175,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from qtune.models import resolve_base
-    from qtune.pool import AdapterPool
+    from qtune.serve.pool import AdapterPool
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
     base_path = resolve_base(args.base)

@@ -116,14 +116,7 @@ def child_qtune(spec: dict) -> dict:
     else:
         examples, _ = data.load_examples(cfg.data.train, tokenizer, cfg.data)
     stages = {"data": _vm()}
-    model = models.load_base(
-        base_path,
-        cfg.model,
-        cfg.quant,
-        training=True,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        checkpoint_every=cfg.train.checkpoint_every,
-    )
+    model = models.load_base(base_path, cfg.model, cfg.quant, cfg.train)
     model = lora.attach_lora(model, cfg.lora)
     stages["model"] = _vm()
     if torch.cuda.is_available():

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtune.config import DataConfig
-from qtune.data import DataError, _raise_all, fingerprint_data, read_records
+from qtune.data import DataError, fingerprint_data, raise_all, read_records
 
 
 @dataclass
@@ -85,7 +85,7 @@ def read_labelled(path: str | Path, cfg: DataConfig, labelled: bool = True) -> l
             continue
         if isinstance(text, str) and text.strip():
             out.append((row, text, label))
-    _raise_all(file, errors)
+    raise_all(file, errors)
     return out
 
 
@@ -116,7 +116,7 @@ def load_labelled(path: str | Path, tokenizer, cfg: DataConfig, label2id: dict[s
                 f"(it knows {', '.join(map(repr, label2id))})"
                 for row, label in unknown
             ]
-            _raise_all(file, lines)
+            raise_all(file, lines)
     report = LabelReport(file=file, records=len(rows), fingerprint=fingerprint_data(path))
     report.class_counts = dict(sorted(Counter(str(label) for _, _, label in rows).items()))
     report.duplicates = len(rows) - len({(t, str(lab)) for _, t, lab in rows})

@@ -67,68 +67,68 @@ def cmd_cp(args) -> None:
     print(f"copied {source.name} to {dest}")
 
 
-def cmd_generate(args) -> None:
-    from qtune.evaluate import generate
-    from qtune.hub import resolve_adapter
-    from qtune.lora import AdapterError, load_adapter, read_meta
+def _load(args, base_only: bool = False, path=None, meta=None):
+    """Base + adapter for generate / eval / predict: (model, tokenizer, config, AdapterMeta).
 
-    adapter = resolve_adapter(args.adapter)
-    kind = read_meta(adapter).get("kind")
-    if kind == "sequence-classification":
-        raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
-    model, tokenizer, cfg, _ = load_adapter(
-        adapter,
-        base_only=args.base_only,
+    `path` and `meta`: the adapter's folder and qtune.json, when the caller has them already."""
+    from qtune.hub import resolve_adapter
+    from qtune.lora import load_adapter
+
+    return load_adapter(
+        path or resolve_adapter(args.adapter),
+        meta=meta,
+        base_only=base_only,
         check_base=not args.ignore_base_mismatch,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+def cmd_generate(args) -> None:
+    from qtune.errors import AdapterError
+    from qtune.evaluate import generate
+    from qtune.hub import resolve_adapter
+    from qtune.meta import AdapterMeta
+
+    path = resolve_adapter(args.adapter)
+    meta = AdapterMeta.read(path)
+    if meta.is_classifier:  # before the slow load
+        raise AdapterError(f"{args.adapter} is a classification adapter: use `qtune predict {args.adapter} --text ...`")
+    model, tokenizer, cfg, _ = _load(args, args.base_only, path, meta)
     print(generate(model, tokenizer, args.prompt, cfg.data.system_prompt, args.max_new_tokens))
 
 
 def cmd_eval(args) -> None:
-    from qtune.data import load_examples
-    from qtune.evaluate import evaluate
-    from qtune.hub import resolve_adapter
-    from qtune.lora import load_adapter
-
-    model, tokenizer, cfg, meta = load_adapter(
-        resolve_adapter(args.adapter),
-        base_only=args.base_only,
-        check_base=not args.ignore_base_mismatch,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if meta.get("kind") == "sequence-classification":
+    model, tokenizer, cfg, meta = _load(args, args.base_only)
+    adapter = None if args.base_only else str(args.adapter)
+    if meta.is_classifier:
         from qtune import classify
 
-        label2id = meta["labels"]["label2id"]
-        examples, _, id2label = classify.load_labelled(args.data, tokenizer, cfg.data, label2id)
+        examples, _, id2label = classify.load_labelled(args.data, tokenizer, cfg.data, meta.labels.label2id)
         examples = examples[: args.limit] if args.limit else examples
         metrics = classify.evaluate(model, tokenizer, examples, id2label, cfg.eval.batch_size)
-        print(json.dumps({"adapter": None if args.base_only else str(args.adapter), **metrics}))
+        print(json.dumps({"adapter": adapter, **metrics}))
         return
+    from qtune.data import load_examples
+    from qtune.evaluate import evaluate
+
     examples, _ = load_examples(args.data, tokenizer, cfg.data)
     examples = examples[: args.limit] if args.limit else examples
     metrics, _ = evaluate(
         model, tokenizer, examples, cfg.eval.batch_size, args.max_new_tokens or cfg.eval.max_new_tokens
     )
-    print(json.dumps({"adapter": None if args.base_only else str(args.adapter), **metrics}))
+    print(json.dumps({"adapter": adapter, **metrics}))
 
 
 def cmd_predict(args) -> None:
     from qtune import classify
-    from qtune.hub import resolve_adapter
-    from qtune.lora import AdapterError, load_adapter
+    from qtune.errors import AdapterError
 
     if (args.text is None) == (args.data is None):
         raise SystemExit("error: give exactly one of --text TEXT or --data FILE")
-    model, tokenizer, cfg, meta = load_adapter(
-        resolve_adapter(args.adapter),
-        check_base=not args.ignore_base_mismatch,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if meta.get("kind") != "sequence-classification":
+    model, tokenizer, cfg, meta = _load(args)
+    if not meta.is_classifier:
         raise AdapterError(
-            f"{args.adapter} is a {meta.get('kind')} adapter; predict needs a classification one "
+            f"{args.adapter} is a {meta.kind} adapter; predict needs a classification one "
             "(use `qtune generate` for text)"
         )
     if args.text is not None:
@@ -136,7 +136,7 @@ def cmd_predict(args) -> None:
         ids, _ = classify.encode_texts(tokenizer, [(1, args.text)], cfg.data, "--text")
     else:
         texts, ids = classify.load_texts(args.data, tokenizer, cfg.data)
-    id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
+    id2label = meta.labels.id2label
     probs = classify.predict_proba(model, tokenizer, ids, cfg.eval.batch_size)
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
@@ -173,7 +173,7 @@ def cmd_plan(args) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
 
 
-# ---- merge and export (qtune/export.py) ----
+# ---- merge and export (qtune/export/) ----
 
 
 def cmd_merge(args) -> None:
@@ -191,20 +191,20 @@ def cmd_merge(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from qtune import export, gguf_export
+    from qtune import export
     from qtune.hub import resolve_adapter
 
     adapter = resolve_adapter(args.adapter)
     if args.format == "peft":
         out = export.export_peft(adapter, args.out)
     elif args.format == "gguf":
-        out = gguf_export.export_gguf(adapter, args.out, qtype=args.type, dtype=args.dtype)
+        out = export.export_gguf(adapter, args.out, qtype=args.type, dtype=args.dtype)
     else:
-        out = gguf_export.export_gguf_lora(adapter, args.out)
+        out = export.export_gguf_lora(adapter, args.out)
     print(f"{args.format} export written to {out}")
 
 
-# ---- serve (qtune/serve.py) ----
+# ---- serve (qtune/serve/) ----
 
 
 def cmd_serve(args) -> None:
@@ -228,7 +228,7 @@ def cmd_serve(args) -> None:
     )
 
 
-# ---- push to the Hugging Face Hub (qtune/hub.py) ----
+# ---- push to the Hugging Face Hub (qtune/hub/) ----
 
 
 def cmd_push(args) -> None:
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
-    # ---- merge and export (qtune/export.py) ----
+    # ---- merge and export (qtune/export/) ----
     p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
     p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
     p.add_argument("out", help="new folder for the merged model (must not exist, or be empty)")
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="gguf: dtype to merge in")
     p.set_defaults(func=cmd_export)
 
-    # ---- serve (qtune/serve.py) ----
+    # ---- serve (qtune/serve/) ----
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters, mixed-adapter batches")
     p.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m, a local HF folder, or a hub id")
     p.add_argument("--adapters", default=None, help="folder whose subfolders are adapters (model name = subfolder)")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=_positive_int("--max-prompt-tokens"), default=None, help="per request")
     p.set_defaults(func=cmd_serve)
 
-    # ---- push to the Hugging Face Hub (qtune/hub.py) ----
+    # ---- push to the Hugging Face Hub (qtune/hub/) ----
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
     p.add_argument("adapter", help="adapter folder (adapters/NAME)")
     p.add_argument("repo_id", help="hub repo id, owner/name (created if it does not exist)")

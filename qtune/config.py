@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,13 +135,13 @@ class TrainConfig:
         "Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; 0: never.",
         50,
     )
-    keep_checkpoints: int = _help("Complete checkpoints kept while training (older ones are deleted).", 2)
+    save_limit: int = _help("Complete checkpoints kept while training (older ones are deleted).", 2)
     on_nonfinite: Literal["stop", "skip"] = _help(
         "A NaN/inf loss or gradient: stop with the last good weights saved, or skip that optimizer step.", "stop"
     )
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "logging_steps", "keep_checkpoints", "checkpoint_every"):
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_limit", "checkpoint_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.pad_to_multiple_of < 0:
@@ -335,6 +336,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+# Keys that were renamed: a config file or an adapter's qtune.json written with the old name still loads.
+RENAMED = {"train.keep_checkpoints": "train.save_limit"}
+
+
+def _rename_old_keys(values: dict[str, Any]) -> list[str]:
+    """Move values under renamed keys to their new names, in place; returns `old -> new` for each one moved."""
+    moved = []
+    for old, new in RENAMED.items():
+        (section, old_leaf), new_leaf = old.split("."), new.split(".")[1]
+        part = values.get(section)
+        if isinstance(part, dict) and old_leaf in part:
+            if new_leaf in part:
+                raise ConfigError(f"`{old}` is the old name of `{new}`: give only `{new}`")
+            part[new_leaf] = part.pop(old_leaf)
+            moved.append(f"{old} -> {new}")
+    return moved
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -359,6 +378,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, ...)")
     values = _merge(values, parse_overrides(overrides or []))
+    for moved in _rename_old_keys(values):
+        print(f"note: config key renamed, {moved}: update {path or 'the override'}")
     try:
         cfg = _build(RunConfig, values)
     except ConfigError as e:
@@ -374,5 +395,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict` output (e.g. from an adapter's qtune.json)."""
+    """Rebuild a RunConfig from `to_dict` output (e.g. from an adapter's qtune.json, of this or an older qtune)."""
+    values = json.loads(json.dumps(values))  # a copy: the caller's data stays as written
+    _rename_old_keys(values)
     return _build(RunConfig, values)

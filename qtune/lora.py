@@ -1,29 +1,20 @@
-"""Attach LoRA adapters (peft underneath), and write and read the adapter folder.
+"""Attach LoRA adapters (peft underneath), and write and load the adapter folder.
 
-The adapter folder is a contract every other verb reads:
-  adapter_model.safetensors, adapter_config.json   plain PEFT; `PeftModel.from_pretrained` loads them
-  qtune.json                                        base id + fingerprint, resolved config, data, metrics, versions
-  loss.png                                          the training loss curve
-It is written under a hidden temporary name and renamed into place, so a crash never leaves
-a folder that looks complete; qtune.json is what marks a folder as a qtune adapter.
+The folder's layout and its qtune.json are described in qtune/meta.py. It is written under a hidden
+temporary name and renamed into place (qtune/atomic.py), so a crash never leaves a folder that looks
+complete; qtune.json is what marks a folder as a qtune adapter.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from qtune.config import LoraConfig, RunConfig, from_dict
+from qtune import atomic
+from qtune.config import LoraConfig, RunConfig
 from qtune.errors import AdapterError  # noqa: F401  (re-exported)
+from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterMeta, base_identity, read_meta  # noqa: F401
 from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
-
-META_FILE = "qtune.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
@@ -66,27 +57,10 @@ def output_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def default_mode(directory: bool) -> int:
-    """The permissions a plain mkdir / open would give under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def staging_dir(out: Path) -> Path:
-    """A hidden temporary folder beside `out`, with the permissions a plain mkdir would give.
-
-    (mkdtemp makes it private, 0700; renamed into place, that would hide outputs from other users.)
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(default_mode(directory=True))
-    return tmp
-
-
 def save_adapter(
     model,
     out_dir: Path,
-    meta: dict[str, Any],
+    meta: AdapterMeta,
     files: dict[str, bytes] | None = None,
     overwrite: bool = False,
     state_dict: dict | None = None,
@@ -96,35 +70,23 @@ def save_adapter(
     An existing folder is replaced only with `overwrite`, and only after the new one is complete.
     `state_dict`: the model's full weights when they are sharded (FSDP; train.gathered_weights).
     """
+    import json
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not overwrite:
         raise AdapterError(f"{out_dir} already exists: set output.overwrite=true to replace it")
-    tmp = staging_dir(out_dir)
-    old = None
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        check_head_saved(tmp, meta.get("labels", {}).get("head_modules", []))
-        for name, data in (files or {}).items():
-            (tmp / name).write_bytes(data)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
-        for file in tmp.iterdir():
-            with file.open("rb") as f:
-                os.fsync(f.fileno())
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous adapter back
-        if isinstance(e, OSError):
-            kept = " (the previous adapter there is kept)" if out_dir.exists() else ""
-            raise AdapterError(f"writing {out_dir} failed, nothing was written{kept}: {e}") from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic.staged_folder(out_dir, replace=True) as tmp:
+            model.save_pretrained(
+                str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
+            )
+            check_head_saved(tmp, meta.labels.head_modules if meta.labels else [])
+            for name, data in (files or {}).items():
+                (tmp / name).write_bytes(data)
+            (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, default=str) + "\n")
+    except OSError as e:
+        kept = " (the previous adapter there is kept)" if out_dir.exists() else ""
+        raise AdapterError(f"writing {out_dir} failed, nothing was written{kept}: {e}") from e
     return out_dir
 
 
@@ -146,33 +108,6 @@ def check_head_saved(adapter_dir: Path, head_modules: list[str]) -> None:
             )
 
 
-def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
-    """Read qtune.json of an adapter folder, checking the PEFT files are there."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: no such adapter folder")
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE):
-        if not (adapter_dir / name).is_file():
-            raise AdapterError(f"{adapter_dir}: {name} is missing; this is not a complete qtune adapter folder")
-    try:
-        return json.loads((adapter_dir / META_FILE).read_text())
-    except ValueError as e:
-        raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
-
-
-def base_identity(base_path: Path) -> dict[str, Any]:
-    """What an adapter records of its base besides the weights' fingerprint: architecture and vocabulary."""
-    try:
-        config = json.loads((Path(base_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    text = config.get("text_config") or config
-    return {
-        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
-        "vocab_size": text.get("vocab_size", config.get("vocab_size")),
-    }
-
-
 def check_weights(adapter_dir: str | Path) -> None:
     """Refuse a corrupt or truncated adapter_model.safetensors before anything is loaded."""
     from safetensors import SafetensorError, safe_open
@@ -190,7 +125,7 @@ def check_weights(adapter_dir: str | Path) -> None:
 
 
 def checked_base(
-    adapter_dir: str | Path, meta: dict[str, Any], check: bool = True, trust_remote_code: bool = False
+    adapter_dir: str | Path, meta: AdapterMeta, check: bool = True, trust_remote_code: bool = False
 ) -> tuple[RunConfig, Path]:
     """The adapter's resolved config and its base folder, refused if the base differs from the one it was
     trained on: other weights (fingerprint), another architecture or another vocabulary size.
@@ -199,24 +134,19 @@ def checked_base(
     re-saved copy of the same base. An adapter's own qtune.json never switches on model code: its
     `model.trust_remote_code` is replaced by the caller's `trust_remote_code` (`--trust-remote-code`).
     """
-    try:
-        cfg, recorded = from_dict(meta["config"]), meta["base"]
-        fingerprint = recorded["fingerprint"]
-    except (KeyError, TypeError) as e:
-        raise AdapterError(f"{adapter_dir}/{META_FILE} lacks {e}: not written by this qtune, or edited") from None
-    cfg.model.trust_remote_code = trust_remote_code
+    cfg = replace(meta.config, model=replace(meta.config.model, trust_remote_code=trust_remote_code))
     base_path = resolve_base(cfg.model)
     if not check:
         return cfg, base_path
     override = "; pass --ignore-base-mismatch (check_base=False) if this is deliberate"
-    now = base_identity(base_path)
+    recorded, now = meta.base, base_identity(base_path)
     for key, what in (("architecture", "architecture"), ("vocab_size", "vocabulary size")):
         if recorded.get(key) is not None and now.get(key) is not None and recorded[key] != now[key]:
             raise AdapterError(
                 f"{adapter_dir} was trained on a base with {what} {recorded[key]}, but {base_path} has "
                 f"{now[key]}: refusing to load it{override}"
             )
-    actual = fingerprint_base(base_path)
+    fingerprint, actual = meta.base_fingerprint, fingerprint_base(base_path)
     if actual != fingerprint:
         raise AdapterError(
             f"{adapter_dir} was trained on a base with fingerprint {fingerprint[:19]}..., "
@@ -227,22 +157,26 @@ def checked_base(
 
 
 def load_adapter(
-    adapter_dir: str | Path, *, base_only: bool = False, check_base: bool = True, trust_remote_code: bool = False
+    adapter_dir: str | Path,
+    *,
+    meta: AdapterMeta | None = None,
+    base_only: bool = False,
+    check_base: bool = True,
+    trust_remote_code: bool = False,
 ):
-    """Load base + adapter as recorded in the adapter's qtune.json.
+    """Load base + adapter as recorded in the adapter's qtune.json (`meta`, if the caller has read it already).
 
     Returns (model, tokenizer, config, meta). With `base_only`, the adapter is not applied (for a
     before/after comparison). The base is refused if its fingerprint differs from the recorded one.
     """
-    meta = read_meta(adapter_dir)
+    meta = meta or AdapterMeta.read(adapter_dir)
     check_weights(adapter_dir)
     cfg, base_path = checked_base(adapter_dir, meta, check_base, trust_remote_code)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    if meta.get("kind") == "sequence-classification":
-        id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
-        model, _ = load_classifier(base_path, cfg.model, cfg.quant, id2label, pad_token_id=tokenizer.pad_token_id)
+    if meta.is_classifier:
+        model, _ = load_classifier(base_path, cfg.model, cfg.quant, meta.labels.id2label, tokenizer.pad_token_id)
         if not base_only:
-            check_head_saved(Path(adapter_dir), meta["labels"]["head_modules"])
+            check_head_saved(Path(adapter_dir), meta.labels.head_modules)
     else:
         model = load_base(base_path, cfg.model, cfg.quant)
     if not base_only:

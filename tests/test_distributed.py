@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtune import checkpoint
 from qtune.config import ConfigError, load_config
 from qtune.lora import read_meta
+from qtune.train import checkpoint
 from recipes import sft
 from tests.test_resume import ROWS
 
@@ -72,7 +72,7 @@ def test_ddp_on_two_processes_matches_one_process_and_resumes(run_args, tmp_path
             "train.batch_size=2",
             "output.name=ddp",
             "output.keep_checkpoints=true",
-            "train.keep_checkpoints=3",
+            "train.save_limit=3",
         ],
     )
     assert out.count("adapter written to") == 1  # rank 0 alone evaluates and writes

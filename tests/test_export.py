@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qtune import export, gguf_export
+from qtune import atomic, export
 from qtune.cli import main
 from qtune.config import load_config
 from qtune.errors import AdapterError, ExportError
+from qtune.export import gguf as gguf_export
 from qtune.models import fingerprint_base
 from recipes import sft
 from tests.conftest import CHATML, make_model_folder, make_tokenizer
@@ -192,7 +193,7 @@ def test_full_disk_leaves_nothing_behind(trained, tmp_path, monkeypatch, verb):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export, "_fsync", full)  # the last step of every staged write
+    monkeypatch.setattr(atomic, "fsync_file", full)  # the first step of every staged write's commit
     adapter = trained["llama-none"]
     work = tmp_path / "work"
     out = work / ("out.gguf" if verb == "gguf-lora" else "out")

@@ -12,6 +12,7 @@ import logging
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, constants
@@ -413,7 +414,7 @@ def test_load_by_id_errors(adapter, hub, capsys, monkeypatch, tmp_path):
     # folder is a local typo, never a download.
     monkeypatch.chdir(tmp_path)
     shutil.copytree(adapter, tmp_path / "alice" / "tiny")
-    assert qhub.resolve_adapter("alice/tiny") == qhub.Path("alice/tiny")
+    assert qhub.resolve_adapter("alice/tiny") == Path("alice/tiny")
     hub.requests.clear()
     assert "alice/typo: no such adapter folder" in error_line(capsys, ["generate", "alice/typo", "--prompt", "x"])
     assert hub.requests == []
@@ -425,7 +426,7 @@ def test_resolve_adapter_without_a_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters").mkdir()
     assert qhub.resolve_adapter(str(tmp_path)) == tmp_path
-    assert qhub.resolve_adapter("adapters/none") == qhub.Path("adapters/none")  # local: `./adapters` exists
+    assert qhub.resolve_adapter("adapters/none") == Path("adapters/none")  # local: `./adapters` exists
     with pytest.raises(AdapterError, match="someone/thing: no such adapter folder; HF_HUB_OFFLINE is set"):
         qhub.resolve_adapter("someone/thing")
     assert qhub.parse_repo_id("a/b@dev") == ("a/b", "dev") and qhub.parse_repo_id("a/b") == ("a/b", None)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from qtune.config import LoraConfig, ModelConfig, QuantConfig
+from qtune.config import LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from qtune.lora import attach_lora
 from qtune.models import load_base
 from qtune.plan import (
@@ -19,7 +19,6 @@ from qtune.plan import (
     MIB,
     PlanError,
     PlanInput,
-    _layer_activations,
     estimate,
     fit_to_vram,
     load_arch,
@@ -27,6 +26,7 @@ from qtune.plan import (
     quant_constant_bytes,
     weight_bytes,
 )
+from qtune.plan.memory import _layer_activations
 
 # Tiny decoders of every supported layout; shapes need no special multiples for bitsandbytes
 # (4-bit packs the flattened weight, padding an odd count) but are kept round anyway.
@@ -135,7 +135,8 @@ def test_double_quant_changes_the_true_storage_not_the_reported_footprint(tiny):
     assert quant_constant_bytes(arch, "nf4", True) > quant_constant_bytes(arch, "nf4", False)
     big = load_arch("llama-2-7b")
     assert quant_constant_bytes(big, "nf4", True) < quant_constant_bytes(big, "nf4", False)
-    # FIELD.md: NF4 is 4.5 bits per weight, ~4.127 with double quantization.
+    # QLoRA paper (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): NF4 is 4.5 bits per weight,
+    # ~4.127 with double quantization.
     linear = 4 * 4096 * 4096 + 3 * 4096 * 11008
     bits = [8 * (linear // 2 + quant_constant_bytes(big, "nf4", dq) / 32) / linear for dq in (False, True)]
     assert bits[0] == pytest.approx(4.5, abs=0.01) and bits[1] == pytest.approx(4.127, abs=0.01)
@@ -150,7 +151,7 @@ def test_weight_components_match_qtunes_training_model_and_peft_kbit_preparation
     folder = tiny("llama-tied-bias")
     arch = load_arch(str(folder))
     kept = estimate(arch, PlanInput(seq=64, lora_r=8))
-    model = _load(folder, "nf4", True, training=True)
+    model = _load(folder, "nf4", True, train=TrainConfig())
     assert {p.dtype for p in model.parameters() if p.dtype.is_floating_point} == {torch.bfloat16}
     assert kept.breakdown["quantized weights"] + kept.breakdown["16-bit weights"] == model.get_memory_footprint()
     assert kept.reported_weights == weight_bytes(arch, "nf4", True, "bf16")
@@ -165,7 +166,7 @@ def test_weight_components_match_qtunes_training_model_and_peft_kbit_preparation
 
 def test_lora_params_of_llama2_7b_r16_all_linear_match_the_published_count():
     plan = estimate(load_arch("llama-2-7b"), PlanInput(lora_r=16, targets="all-linear"))
-    assert plan.lora_params == 39_976_960  # FIELD.md
+    assert plan.lora_params == 39_976_960  # PEFT's print_trainable_parameters() for this config
     assert plan.breakdown["optimizer states"] == 8 * 39_976_960  # AdamW: two fp32 states (320 MB)
 
 
@@ -188,9 +189,10 @@ def _saved_bytes(folder, quant: str, checkpointing: bool, targets, batch: int, s
         folder,
         quant,
         True,
-        training=True,
-        gradient_checkpointing=bool(checkpointing),
-        checkpoint_every=1 if isinstance(checkpointing, bool) else checkpointing,
+        train=TrainConfig(
+            gradient_checkpointing=bool(checkpointing),
+            checkpoint_every=1 if isinstance(checkpointing, bool) else checkpointing,
+        ),
     )
     model = attach_lora(model, LoraConfig(r=8, targets=targets))
     model.train()

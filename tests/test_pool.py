@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from qtune.config import LoraConfig, ModelConfig, QuantConfig, RunConfig, to_dict
-from qtune.decode import BASE, Row, Sampling
 from qtune.errors import AdapterError
+from qtune.meta import AdapterMeta
 from qtune.models import fingerprint_base
-from qtune.pool import AdapterPool
+from qtune.serve.decode import BASE, Row, Sampling
+from qtune.serve.pool import AdapterPool
 from tests.conftest import make_model_folder
 
 PROMPTS = [
@@ -90,7 +91,7 @@ def make_classifier_adapter(base_dir: Path, out: Path, seed: int) -> Path:
             "head_modules": head,
         },
     }
-    return lora.save_adapter(model, out, meta)
+    return lora.save_adapter(model, out, AdapterMeta.from_json(meta))
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtune import checkpoint, lora
+from qtune import lora
 from qtune.config import ConfigError, load_config
 from qtune.errors import TrainingError
 from qtune.lora import read_meta
+from qtune.train import checkpoint
 from recipes import sft
 
 ROOT = Path(__file__).resolve().parent.parent

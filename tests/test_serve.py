@@ -22,10 +22,10 @@ try:  # the HTTP client the installed openai package is built on (openai 3 ships
 except ImportError:
     import httpx
 
-from qtune.decode import BASE, Row, Sampling
 from qtune.errors import ConfigError
-from qtune.pool import AdapterPool
 from qtune.serve import Limits, ServerThread, create_app, is_loopback, serve
+from qtune.serve.decode import BASE, Row, Sampling
+from qtune.serve.pool import AdapterPool
 from tests.test_pool import PROMPTS, adapter_set  # noqa: F401  (a fixture)
 
 MAX_TOKENS = 200  # the server's --max-tokens-limit in these tests

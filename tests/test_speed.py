@@ -126,7 +126,7 @@ def test_batches_are_padded_to_the_multiple_and_learn_the_same(speed_cfg, tmp_pa
     cfg = speed_cfg(f"train.padding_free={padding_free}")
     tokenizer = models.load_tokenizer(tiny_model_dir)
     examples, _ = data.load_examples(cfg.data.train, tokenizer, cfg.data)
-    model = models.load_base(tiny_model_dir, cfg.model, cfg.quant, training=True)
+    model = models.load_base(tiny_model_dir, cfg.model, cfg.quant, cfg.train)
     trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(examples), cfg, tmp_path / "ck")
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples[:3]]
     batch = trainer.data_collator(rows)

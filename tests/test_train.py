@@ -119,13 +119,13 @@ def test_bad_data_fails_before_anything_is_written(run_cfg, tmp_path):
 
 
 def test_crash_during_save_leaves_no_adapter_folder_and_resume_finishes_it(run_cfg, tmp_path, monkeypatch):
-    from qtune import report
+    from qtune.train import run as train_run
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(report, "loss_curve_png", boom)
+        m.setattr(train_run, "loss_curve_png", boom)
         with pytest.raises(OSError, match="No space left"):
             sft.main(run_cfg("quant.method=none"))
     adapters = tmp_path / "adapters"
@@ -273,7 +273,7 @@ def test_loss_only_on_answers_reaches_the_trainer(run_cfg, tiny_model_dir):
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_gradient_checkpointing_trains_the_same(run_cfg, quant):
-    # FIELD #11: checkpointing with PEFT must not fail with "element 0 of tensors does not require grad",
+    # Checkpointing with PEFT must not fail with "element 0 of tensors does not require grad" (huggingface/peft#137),
     # and (non-reentrant, no dropout) must not change what is learned.
     plain = read_meta(sft.main(run_cfg(f"quant.method={quant}", "output.name=plain")))
     ckpt = read_meta(
@@ -286,12 +286,12 @@ def test_gradient_checkpointing_trains_the_same(run_cfg, quant):
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_load_base_for_training_switches_checkpointing_and_freezes(tiny_model_dir, quant):
-    from qtune.config import ModelConfig, QuantConfig
+    from qtune.config import ModelConfig, QuantConfig, TrainConfig
     from qtune.lora import attach_lora
     from qtune.models import load_base
 
     model = load_base(
-        tiny_model_dir, ModelConfig(dtype="fp32"), QuantConfig(method=quant), training=True, gradient_checkpointing=True
+        tiny_model_dir, ModelConfig(dtype="fp32"), QuantConfig(method=quant), TrainConfig(gradient_checkpointing=True)
     )
     assert model.is_activation_checkpointing and model.config.use_cache is False
     peft_model = attach_lora(model, load_config(None, ["lora.r=2"]).lora)
@@ -303,15 +303,15 @@ def test_load_base_for_training_switches_checkpointing_and_freezes(tiny_model_di
 def test_a_quantized_base_is_frozen_in_the_compute_dtype_and_a_new_head_trains_in_fp32(tiny_model_dir, quant):
     """Not peft's prepare_model_for_kbit_training: norms and embeddings stay bf16 (fp32 ones would make
     every 4-bit layer's output, and so every activation, fp32); only a module trained in full is fp32."""
-    from qtune.config import ModelConfig, QuantConfig
+    from qtune.config import ModelConfig, QuantConfig, TrainConfig
     from qtune.models import load_base, load_classifier
 
-    model = load_base(tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), training=True)
+    model = load_base(tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), TrainConfig())
     floats = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point}
     assert floats and {p.dtype for p in floats.values()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
     classifier, head = load_classifier(
-        tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), {0: "neg", 1: "pos"}, training=True
+        tiny_model_dir, ModelConfig(dtype="bf16"), QuantConfig(method=quant), {0: "neg", 1: "pos"}, train=TrainConfig()
     )
     assert head == ["score"]
     assert classifier.score.weight.dtype == torch.float32
@@ -319,16 +319,14 @@ def test_a_quantized_base_is_frozen_in_the_compute_dtype_and_a_new_head_trains_i
 
 
 def test_checkpoint_every_recomputes_every_kth_layer_and_learns_the_same(run_cfg, tiny_model_dir):
-    from qtune.config import ModelConfig, QuantConfig
+    from qtune.config import ModelConfig, QuantConfig, TrainConfig
     from qtune.models import load_base
 
     model = load_base(
         tiny_model_dir,
         ModelConfig(dtype="fp32"),
         QuantConfig(method="none"),
-        training=True,
-        gradient_checkpointing=True,
-        checkpoint_every=2,
+        TrainConfig(gradient_checkpointing=True, checkpoint_every=2),
     )
     assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
     plain = read_meta(sft.main(run_cfg("quant.method=none", "output.name=plain")))

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qtune.config import RunConfig
 from qtune.errors import AdapterError
-from qtune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, check_head_saved, checked_base, read_meta
+from qtune.lora import check_head_saved, checked_base
+from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, CLASSIFIER, META_FILE, AdapterMeta
 
 
 @dataclass
@@ -24,12 +26,14 @@ class AdapterInfo:
 
     name: str
     path: Path
-    kind: Literal["causal-lm", "sequence-classification"]
+    kind: Literal["causal-lm", "sequence-classification"]  # qtune.meta.CAUSAL_LM, CLASSIFIER
     source: Literal["qtune", "peft"]
     bytes: int
     system_prompt: str | None = None
     id2label: dict[int, str] | None = None
     group: tuple | None = None  # classification: which classifier base it sits on
+    config: RunConfig | None = None  # classification: the run config, to load its own base
+    base_path: Path | None = None  # classification: its own base folder (checked against its fingerprint)
     loads: int = 0  # how many times its weights were read (reloads after eviction count)
 
 
@@ -58,23 +62,24 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
                 f"{path}: a plain PEFT adapter for {config['task_type']}; only CAUSAL_LM ones can be served "
                 "without a qtune.json (classification adapters need qtune's label map and base)"
             )
-        return AdapterInfo(name, path, "causal-lm", "peft", size)
-    meta = read_meta(path)
-    kind = meta.get("kind", "causal-lm")
-    cfg, own_base = checked_base(path, meta, check=kind == "sequence-classification")
-    if kind == "sequence-classification":
-        id2label = {int(k): v for k, v in meta["labels"]["id2label"].items()}
-        check_head_saved(path, meta["labels"]["head_modules"])
+        return AdapterInfo(name, path, CAUSAL_LM, "peft", size)
+    meta = AdapterMeta.read(path)
+    cfg, own_base = checked_base(path, meta, check=meta.is_classifier)
+    if meta.is_classifier:
+        check_head_saved(path, meta.labels.head_modules)
+        id2label = meta.labels.id2label
         group = (str(own_base), cfg.quant.method, cfg.model.dtype, len(id2label))
-        return AdapterInfo(name, path, kind, "qtune", size, id2label=id2label, group=group)
-    recorded = meta["base"]["fingerprint"]
+        return AdapterInfo(
+            name, path, CLASSIFIER, "qtune", size, id2label=id2label, group=group, config=cfg, base_path=own_base
+        )
+    recorded = meta.base_fingerprint
     fingerprint = base_fingerprint()
     if recorded != fingerprint:
         raise AdapterError(
             f"{path} was trained on a base with fingerprint {recorded[:19]}..., but the served base "
             f"{base_path} has {fingerprint[:19]}...: serve it with its own base ({cfg.model.name})"
         )
-    return AdapterInfo(name, path, "causal-lm", "qtune", size, system_prompt=cfg.data.system_prompt)
+    return AdapterInfo(name, path, CAUSAL_LM, "qtune", size, system_prompt=cfg.data.system_prompt)
 
 
 def check_fits(model, folder: Path) -> None:

@@ -10,9 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qtune.decode import BASE, Sampling
 from qtune.errors import ConfigError
-from qtune.pool import AdapterPool
+from qtune.meta import CAUSAL_LM, CLASSIFIER
+from qtune.serve.decode import BASE, Sampling
+from qtune.serve.pool import AdapterPool
 
 
 class RequestError(Exception):
@@ -51,13 +52,13 @@ def check_model(pool: AdapterPool, body: dict, kind: str) -> str:
     """The request's `model`: a served name of this kind ("causal-lm" or "sequence-classification")."""
     name = body.get("model")
     valid = [n for n in pool.names() if n == BASE or pool.adapters[n].kind == kind]
-    if kind == "sequence-classification":
+    if kind == CLASSIFIER:
         valid.remove(BASE)
     if not isinstance(name, str) or not name:
         raise RequestError(400, f"`model` is required: one of {', '.join(valid)}", "model")
     if name not in valid:
         other = name in pool.names()
-        why = "is not a " + ("text-generation" if kind == "causal-lm" else "classification") + " model"
+        why = "is not a " + ("text-generation" if kind == CAUSAL_LM else "classification") + " model"
         raise RequestError(
             400 if other else 404,
             f"model {name!r} {why if other else 'does not exist'}; valid names here: {', '.join(valid) or 'none'}",
@@ -173,7 +174,7 @@ def model_entry(pool: AdapterPool, name: str) -> dict[str, Any]:
         "object": "model",
         "created": 0,
         "owned_by": "qtune",
-        "kind": info.kind if info else "causal-lm",
+        "kind": info.kind if info else CAUSAL_LM,
         "source": info.source if info else "base",
         "resident": name == BASE or name in pool.resident,
     }

@@ -7,8 +7,8 @@ adapter name; `stream: true` sends server-sent events), POST /v1/classify (class
 POST /admin/adapters and DELETE /admin/adapters/{name} (a bearer token is required whenever one is
 set, and the server refuses to listen beyond loopback without one), GET /health.
 
-One worker thread owns the model and batches the requests (qtune/scheduler.py); the request checks
-and the OpenAI response shapes are in qtune/openai_api.py. A client that disconnects cancels its
+One worker thread owns the model and batches the requests (serve/scheduler.py); the request checks
+and the OpenAI response shapes are in serve/openai_api.py. A client that disconnects cancels its
 row, which leaves the batch at the next step.
 """
 
@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtune.decode import Row
 from qtune.errors import USER_ERRORS, AdapterError, ConfigError
-from qtune.openai_api import (
+from qtune.meta import CAUSAL_LM, CLASSIFIER
+from qtune.serve.decode import Row
+from qtune.serve.openai_api import (
     Limits,
     RequestError,
     check_model,
@@ -40,8 +41,8 @@ from qtune.openai_api import (
     sse,
     usage,
 )
-from qtune.pool import AdapterPool
-from qtune.scheduler import Scheduler
+from qtune.serve.pool import AdapterPool
+from qtune.serve.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -95,7 +96,7 @@ def create_app(
 
     async def complete(request, chat: bool):
         body = await json_body(request)
-        model = check_model(pool, body, "causal-lm")
+        model = check_model(pool, body, CAUSAL_LM)
         prompt = read_chat_prompt(pool, body, model) if chat else read_text_prompt(pool, body)
         row = Row(model, prompt, read_sampling(pool, limits, body, len(prompt)))
         stream = body.get("stream") is True
@@ -154,7 +155,7 @@ def create_app(
 
     async def classify(request):
         body = await json_body(request)
-        model = check_model(pool, body, "sequence-classification")
+        model = check_model(pool, body, CLASSIFIER)
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from qtune import atomic
 from qtune.config import RunConfig, to_dict
 from qtune.errors import ConfigError
 
@@ -43,7 +44,7 @@ _MAY_DIFFER = {
     "output.name",
     "output.overwrite",
     "output.keep_checkpoints",
-    "train.keep_checkpoints",
+    "train.save_limit",
     "train.on_nonfinite",
     "data.eval",
     "eval.batch_size",
@@ -177,43 +178,15 @@ def start(folder: Path, run: dict[str, Any]) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)  # only partial leftovers can be here: complete ones were refused
     folder.mkdir(parents=True)
-    _write_synced(folder / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-
-
-def _write_synced(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic.write_text(folder / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
 
 
 def promote(written: Path, keep: int) -> Path:
     """Move a checkpoint the trainer finished writing out of .incoming; delete all but the newest `keep`."""
     folder = written.parent.parent
-    _fsync_tree(written)
+    atomic.fsync_tree(written)
     final = folder / written.name
-    if final.exists():  # the same step saved twice (a stop and a scheduled save): keep the newer
-        shutil.rmtree(final)
-    os.replace(written, final)
-    _fsync_dir(folder)
+    atomic.replace_folder(written, final)  # the same step saved twice (a stop and a scheduled save): the newer
     for old in complete(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -2,7 +2,7 @@
 
 Written with the `gguf` package's GGUFWriter and tensor-name map. Supported architectures:
 llama (SmolLM2, Llama 2/3 without rope scaling, Mistral) and qwen2; others are refused by name.
-Outputs are staged and renamed into place like every qtune.export output.
+Outputs are staged and renamed into place like every export (qtune.atomic).
 """
 
 from __future__ import annotations
@@ -15,19 +15,10 @@ from typing import Any, Literal
 import torch
 
 from qtune.errors import ExportError
-from qtune.export import (  # the shared reading, merging and atomic-output parts
-    _PEFT_PREFIX,
-    _base_config,
-    _checked_base,
-    _refuse_existing,
-    _staged_file,
-    _staged_folder,
-    adapter_name,
-    merged_model,
-    read_adapter,
-)
+from qtune.export.merge import merged_model, read_source, refuse_existing, staged
 
 GGUF_TYPES = ("f16", "q8_0")
+_PEFT_PREFIX = "base_model.model."  # where peft puts the base model's module names
 # HF model_type -> the gguf package's architecture name. Others are refused with their model_type named.
 GGUF_ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
 
@@ -107,15 +98,15 @@ def export_gguf(
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if qtype not in GGUF_TYPES:
         raise ExportError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
-    meta, _, _ = read_adapter(adapter_dir)
-    _refuse_existing(out_dir)
-    _gguf_arch(_base_config(_checked_base(adapter_dir, meta)))  # refuse early, before the merge
-    model, tokenizer, meta, _ = merged_model(adapter_dir, dtype=dtype)
-    name = adapter_name(adapter_dir, meta)
+    source = read_source(adapter_dir)
+    refuse_existing(out_dir)
+    _gguf_arch(source.base_config)  # refuse early, before the merge
+    model, tokenizer, meta, _ = merged_model(source, dtype=dtype)
+    name = source.name
     file_name = f"{name}-{qtype}.gguf"
-    with _staged_folder(out_dir) as tmp:
+    with staged(out_dir) as tmp:
         write_gguf(model, tokenizer, tmp / file_name, qtype=qtype, name=name)
-        (tmp / "Modelfile").write_text(ollama_modelfile(file_name, tokenizer, meta["config"]["data"]["system_prompt"]))
+        (tmp / "Modelfile").write_text(ollama_modelfile(file_name, tokenizer, meta.config.data.system_prompt))
     return out_dir
 
 
@@ -292,9 +283,10 @@ def export_gguf_lora(adapter_dir: str | Path, out_file: str | Path) -> Path:
     import gguf
 
     adapter_dir, out_file = Path(adapter_dir), Path(out_file)
-    meta, config, tensors = read_adapter(adapter_dir)
-    _refuse_existing(out_file)
-    base_config = _base_config(_checked_base(adapter_dir, meta))
+    source = read_source(adapter_dir)
+    config, tensors = source.config, source.tensors
+    refuse_existing(out_file)
+    base_config = source.base_config
     arch = _gguf_arch(base_config)
     for problem, flag in (
         (config.get("use_dora"), "DoRA"),
@@ -317,10 +309,10 @@ def export_gguf_lora(adapter_dir: str | Path, out_file: str | Path) -> Path:
         name = _gguf_name(tensor_map, module + ".weight")
         pairs.append((name, lora_a, _permute_for(base_config, f".{module}.", lora_b)))
 
-    with _staged_file(out_file) as tmp:
+    with staged(out_file, folder=False) as tmp:
         writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(adapter_name(adapter_dir, meta))
+        writer.add_name(source.name)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for name, lora_a, lora_b in pairs:

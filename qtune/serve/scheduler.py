@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtune.decode import BASE, Row
-from qtune.pool import AdapterPool
+from qtune.serve.decode import BASE, Row
+from qtune.serve.pool import AdapterPool
 
 
 @dataclass

@@ -32,13 +32,13 @@ from typing import Any, Literal
 
 import torch
 
-from qtune.adapter_info import AdapterInfo, adapter_folder, check_fits, inspect_adapter
 from qtune.config import ModelConfig, QuantConfig
-from qtune.decode import BASE, PEFT_BASE, Batch, Row, joinable, merge, prefill, step
-from qtune.decode import Sampling as Sampling  # re-exported: callers build their rows from qtune.pool
 from qtune.errors import AdapterError, ConfigError
-from qtune.lora import ADAPTER_CONFIG, checked_base, read_meta
+from qtune.meta import ADAPTER_CONFIG, CAUSAL_LM, CLASSIFIER
 from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
+from qtune.serve.adapter_info import AdapterInfo, adapter_folder, check_fits, inspect_adapter
+from qtune.serve.decode import BASE, PEFT_BASE, Batch, Row, joinable, merge, prefill, step
+from qtune.serve.decode import Sampling as Sampling  # re-exported: callers build their rows from qtune.serve.pool
 
 
 @dataclass
@@ -195,11 +195,11 @@ class AdapterPool:
     def _load(self, info: AdapterInfo) -> None:
         from peft import PeftModel
 
-        if info.kind == "causal-lm":
+        if info.kind == CAUSAL_LM:
             # Checked before peft touches the model: a load that fails halfway leaves layers injected.
             check_fits(self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model, info.path)
         try:
-            if info.kind == "sequence-classification":
+            if info.kind == CLASSIFIER:
                 group = self.classifiers.get(info.group)
                 if group is None:
                     group = self._classifier_base(info)
@@ -221,20 +221,19 @@ class AdapterPool:
         info.loads += 1
 
     def _classifier_base(self, info: AdapterInfo) -> _Classifier:
-        meta = read_meta(info.path)
-        cfg, base_path = checked_base(info.path, meta)
+        cfg, base_path = info.config, info.base_path  # read and checked once, when the adapter was added
         tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-        model, _ = load_classifier(base_path, cfg.model, cfg.quant, info.id2label, pad_token_id=tokenizer.pad_token_id)
+        model, _ = load_classifier(base_path, cfg.model, cfg.quant, info.id2label, tokenizer.pad_token_id)
         return _Classifier(model, tokenizer, cfg.data.max_length)
 
     def _evict(self, name: str) -> None:
         info = self.adapters[name]
-        model = self.classifiers[info.group].model if info.kind == "sequence-classification" else self.model
+        model = self.classifiers[info.group].model if info.kind == CLASSIFIER else self.model
         if len(model.peft_config) > 1:
             if model.active_adapter == name:  # hand "active" on first (peft would warn); rows name theirs anyway
                 model.set_adapter(next(n for n in model.peft_config if n != name))
             model.delete_adapter(name)
-        elif info.kind == "sequence-classification":
+        elif info.kind == CLASSIFIER:
             del self.classifiers[info.group]  # the last adapter on this classifier base: free the base too
         else:
             self.model = model.unload()  # the last adapter: back to the bare base (peft cannot hold zero)
@@ -317,7 +316,7 @@ class AdapterPool:
         info = self.adapters.get(row.adapter)
         if row.adapter != BASE and info is None:
             raise AdapterError(f"no adapter named {row.adapter!r}; known: {', '.join(self.names())}")
-        if info is not None and info.kind != "causal-lm":
+        if info is not None and info.kind != CAUSAL_LM:
             raise AdapterError(f"{row.adapter!r} is a {info.kind} adapter, not a text-generation adapter")
 
     def _start(self, rows: list[Row], on_step, held: dict[int, Row]) -> Batch | None:
@@ -348,8 +347,8 @@ class AdapterPool:
             raise ConfigError(f"{len(adapters)} adapter names for {len(texts)} texts")
         for name in adapters:
             info = self.adapters.get(name)
-            if info is None or info.kind != "sequence-classification":
-                known = [n for n, i in self.adapters.items() if i.kind == "sequence-classification"]
+            if info is None or info.kind != CLASSIFIER:
+                known = [n for n, i in self.adapters.items() if i.kind == CLASSIFIER]
                 raise AdapterError(
                     f"{name!r} is not a classification adapter; those loaded: {', '.join(known) or 'none'}"
                 )

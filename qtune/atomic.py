@@ -1,0 +1,119 @@
+"""Files and folders that appear whole or not at all: written under a hidden name beside their place,
+synced to disk, then renamed into it (a rename within one folder is atomic on POSIX file systems).
+
+Every output qtune writes goes through here: the adapter folder, checkpoints, merged models and
+exports, the converted embedded model, and small JSON records. A crash, a kill or a full disk
+leaves either the old state or the new one, never a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def default_mode(directory: bool) -> int:
+    """The permissions a plain mkdir / open would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def staging_dir(out: Path) -> Path:
+    """A hidden temporary folder beside `out`, with the permissions a plain mkdir would give.
+
+    (mkdtemp makes it private, 0700; renamed into place, that would hide outputs from other users.)
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(default_mode(directory=True))
+    return tmp
+
+
+def fsync_file(path: Path) -> None:
+    with Path(path).open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file below `folder`, then the folder itself."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            fsync_file(path)
+    fsync_dir(folder)
+
+
+def replace_folder(src: Path, dest: Path) -> None:
+    """Move the complete folder `src` to `dest`, replacing a folder there; the previous one is deleted
+    only once the new one is in place, and put back if the move fails."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        if old is not None and not dest.exists():
+            os.replace(old, dest)
+        raise
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside `out`; when the block succeeds, sync it and rename it to `out`.
+
+    Without `replace`, `out` may not exist or must be an empty folder (rename(2) replaces those); with
+    it, an existing folder is replaced only after the new one is complete, and kept if anything fails.
+    On any error the temporary folder is removed and the error raised as is (an OSError for a full disk).
+    """
+    out = Path(out)
+    tmp = staging_dir(out)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if replace:
+            replace_folder(tmp, out)
+        else:
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
+@contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside the file `out`; when the block succeeds, sync it and rename it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.chmod(default_mode(directory=False))  # mkstemp's 0600 would stay after the rename
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace the text file `path` atomically (a reader sees the old content or the new, whole)."""
+    with staged_file(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")

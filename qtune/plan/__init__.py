@@ -1,0 +1,34 @@
+"""Will this run fit my GPU? Architectures from config alone (arch.py), the bytes of each part of a run
+(memory.py), and the plan, its verdict and the search for what fits (planner.py)."""
+
+from qtune.plan.arch import (
+    ALIASES,
+    BUILTIN,
+    DTYPE_BYTES,
+    QUANTS,
+    PlanError,
+    load_arch,
+    quant_constant_bytes,
+    weight_bytes,
+)
+from qtune.plan.memory import COMPONENTS, MIB
+from qtune.plan.planner import GIB, Plan, PlanInput, estimate, fit_to_vram, parse_bytes
+
+__all__ = [
+    "ALIASES",
+    "BUILTIN",
+    "COMPONENTS",
+    "DTYPE_BYTES",
+    "GIB",
+    "MIB",
+    "QUANTS",
+    "Plan",
+    "PlanError",
+    "PlanInput",
+    "estimate",
+    "fit_to_vram",
+    "load_arch",
+    "parse_bytes",
+    "quant_constant_bytes",
+    "weight_bytes",
+]

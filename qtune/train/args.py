@@ -1,0 +1,171 @@
+"""The only place that builds trl / transformers trainers and their arguments.
+
+Upstream renames (trl 1 and transformers 5 moved several arguments) are absorbed here, once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qtune.config import ConfigError, RunConfig
+from qtune.train import checkpoint
+from qtune.train.hooks import (
+    CheckpointPromoter,
+    NonFiniteGuard,
+    _GuardedSteps,
+    _TrainedPositionsLoss,
+    check_trl_internals,
+)
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
+
+
+def _common_args(cfg: RunConfig, work_dir: Path) -> dict:
+    """TrainingArguments fields every qtune trainer shares.
+
+    The trainer writes resumable checkpoints into `work_dir` every `train.save_every` steps; the
+    CheckpointPromoter callback moves each one out once complete. The adapter itself qtune writes.
+    """
+    t = cfg.train
+    return dict(
+        output_dir=str(work_dir),
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=None,  # rotation is qtune.checkpoint's, among complete checkpoints only
+        save_only_model=False,  # optimizer, scheduler and RNG states too: that is what makes it resumable
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=OPTIMIZERS[t.optim],
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="no",
+        report_to="none",
+        bf16=cfg.model.dtype == "bf16",
+        fp16=cfg.model.dtype == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # Checkpointing is switched on when the base is loaded (non-reentrant), not here.
+        activation_checkpointing=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
+        **(_fsdp_args(cfg) if t.fsdp else {}),
+        remove_unused_columns=True,
+    )
+
+
+def _fsdp_args(cfg: RunConfig) -> dict:
+    """FSDP over the launched processes: each transformer block a shard unit; frozen and trained weights mixed."""
+    if not torch.cuda.is_available():
+        # accelerate 1.x turns its FSDP plugin on only for GPU-type launches (MULTI_GPU, ...); on CPU
+        # processes (MULTI_CPU) it would drop it silently and run DDP. Say so instead.
+        raise ConfigError(
+            "train.fsdp=true needs GPUs: accelerate runs FSDP only on accelerators, and on CPU processes it "
+            "would silently fall back to DDP. Drop train.fsdp (CPU processes run DDP)"
+        )
+    return dict(
+        fsdp=True,
+        fsdp_config={
+            "version": 2,  # FSDP2 (per-parameter sharding): frozen 4-bit and trainable LoRA weights mix freely
+            "reshard_after_forward": True,  # full shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer (`_no_split_modules`)
+            "state_dict_type": "FULL_STATE_DICT",  # rank 0 gathers the whole adapter to save it
+            "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": False,  # qtune switches it on itself (non-reentrant), when asked
+        },
+    )
+
+
+def sft_args(cfg: RunConfig, work_dir: Path):
+    """trl.SFTConfig for a qtune RunConfig."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_common_args(cfg, work_dir),
+        # Data arrive tokenized with labels already masked and truncated by qtune.data.
+        max_length=None,
+        packing=False,
+        # One row per micro-batch, no padding; position_ids restart at each example, from which transformers
+        # builds a block-diagonal mask (sdpa, eager) or varlen boundaries (flash attention): no cross-attention.
+        # A micro-batch of one has no padding to remove.
+        padding_free=cfg.train.padding_free and cfg.train.batch_size > 1,
+        pad_to_multiple_of=cfg.train.pad_to_multiple_of or None,
+        dataset_num_proc=None,
+    )
+
+
+def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None):
+    """An SFTTrainer over pre-tokenized (input_ids, labels, row) data, with checkpoints and the non-finite guard.
+
+    `checkpoints` is the run's checkpoint folder (qtune.train.checkpoint.root): the trainer writes into its
+    .incoming/ and each complete checkpoint is moved up into it.
+    """
+    from trl import SFTTrainer
+
+    class QtuneSFTTrainer(_TrainedPositionsLoss, _GuardedSteps, SFTTrainer):
+        pass
+
+    trainer = _with_guards(
+        QtuneSFTTrainer, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, sft_args, data_collator=None
+    )
+    trainer.qtune_chunked_loss = (
+        cfg.train.chunked_loss and _takes_logits_to_keep(trainer.model) and not check_trl_internals(trainer)
+    )
+    return trainer
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Does the causal LM's forward take `logits_to_keep` (transformers' models do; remote code may not)?"""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _with_guards(cls, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, make_args, data_collator):
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, train_dataset)
+    promoter = CheckpointPromoter(cfg.train.save_limit)
+    kwargs = {"data_collator": data_collator} if data_collator is not None else {}
+    trainer = cls(
+        model=model,
+        args=make_args(cfg, Path(checkpoints) / checkpoint.INCOMING),
+        train_dataset=train_dataset.remove_columns("row"),
+        processing_class=tokenizer,
+        callbacks=[guard, promoter, *(callbacks or [])],
+        **kwargs,
+    )
+    trainer.qtune_guard = guard
+    return trainer
+
+
+def build_classification_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None):
+    """A transformers Trainer for sequence classification over pre-tokenized (input_ids, labels, row) data."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    class QtuneTrainer(_GuardedSteps, Trainer):
+        pass
+
+    def make_args(cfg, work_dir):
+        return TrainingArguments(**_common_args(cfg, work_dir))
+
+    return _with_guards(
+        QtuneTrainer,
+        model,
+        tokenizer,
+        train_dataset,
+        cfg,
+        checkpoints,
+        callbacks,
+        make_args,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.train.pad_to_multiple_of or None),
+    )

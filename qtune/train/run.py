@@ -1,0 +1,140 @@
+"""What every training recipe does around its own steps, in one place: a recipe reads its data, builds its
+model and trainer, evaluates, and leaves the rest to a `Run`.
+
+    run = train.start(cfg)              output folder checked, seed set, base folder and tokenizer
+    cfg = run.prepare(report, longest)  train.fit_to_vram applied; resume point found (or an interrupted run refused)
+    run.train(trainer)                  fit, timed; under FSDP the sharded weights gathered
+    if run.writes: ...                  rank 0 alone evaluates and writes
+    run.save(model, trainer, ...)       qtune.json + loss curve + PEFT files, atomically; checkpoints removed
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qtune import lora, models
+from qtune.config import RunConfig
+from qtune.meta import Labels, new_meta
+from qtune.train import checkpoint
+from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
+from qtune.train.loss_curve import loss_curve_png, loss_points
+
+
+@dataclass
+class Run:
+    """One training run: its config (as adjusted by `prepare`), where it writes, its base, and how it went."""
+
+    cfg: RunConfig
+    out_dir: Path
+    base_path: Path
+    tokenizer: Any
+    fingerprint: str = ""  # the base's (models.fingerprint_base), set by prepare
+    identity: dict | None = None  # what a checkpoint must agree with to resume this run (checkpoint.identity)
+    resume_from: Path | None = None
+    result: Any = None  # the trainer's TrainOutput
+    seconds: float = 0.0
+    weights: dict | None = None  # under FSDP: the gathered full weights, for saving
+
+    @property
+    def checkpoints(self) -> Path:
+        """The run's checkpoint folder, where the trainer writes."""
+        return checkpoint.root(self.cfg)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process evaluates and writes (rank 0 of a torchrun / accelerate launch; a single process)."""
+        return checkpoint.is_main_process()
+
+    def prepare(self, train_report, longest: int) -> RunConfig:
+        """Before any model is loaded: apply train.fit_to_vram at the `longest` example, then find the checkpoint
+        to resume from (resume=auto), or refuse to start over an interrupted run. Returns the run's config."""
+        if self.cfg.train.fit_to_vram:  # micro-batch, accumulation and checkpointing that fit the GPU (qtune plan)
+            self.cfg, note = fit_to_vram(self.cfg, self.base_path, longest)
+            print(note)
+        self.fingerprint = models.fingerprint_base(self.base_path)
+        self.identity = checkpoint.identity(self.cfg, self.fingerprint, train_report.fingerprint)
+        self.resume_from = checkpoint.prepare(self.cfg, self.identity)
+        return self.cfg
+
+    def train(self, trainer):
+        """Train (resuming if prepared so), writing a resumable checkpoint every train.save_every steps."""
+        t = self.cfg.train
+        steps = planned_steps(self.cfg, len(trainer.train_dataset))
+        print(f"training {steps} steps of {t.batch_size}x{t.grad_accum} examples")
+        start = time.perf_counter()
+        self.result = fit(trainer, self.resume_from, self.identity)
+        self.seconds = time.perf_counter() - start
+        self.weights = gathered_weights(trainer)  # under FSDP every process helps gather the sharded weights
+        return self.result
+
+    def evaluates(self, eval_examples: list) -> bool:
+        """Whether there is held-out data to evaluate here (a sharded model cannot run on rank 0 alone)."""
+        if eval_examples and self.cfg.train.fsdp:
+            print(
+                f"held-out evaluation skipped under FSDP: run `qtune eval {self.out_dir} --data {self.cfg.data.eval}`"
+            )
+            return False
+        return bool(eval_examples)
+
+    def save(
+        self,
+        model,
+        trainer,
+        *,
+        kind: str,
+        train_report,
+        eval_report,
+        metrics: dict[str, Any],
+        files: dict[str, bytes] | None = None,
+        training: dict[str, Any] | None = None,
+        labels: Labels | None = None,
+        samples: list[dict] | None = None,
+        chat_template: str | None = None,
+    ) -> Path:
+        """Write the adapter folder (PEFT files, qtune.json, loss.png and `files`) atomically, then remove the
+        run's checkpoints (unless output.keep_checkpoints). `training` adds recipe-specific training facts."""
+        cfg = self.cfg
+        losses = loss_points(trainer.state.log_history)
+        meta = new_meta(
+            kind=kind,
+            cfg=cfg,
+            base_path=self.base_path,
+            fingerprint=self.fingerprint,
+            train_report=train_report,
+            eval_report=eval_report,
+            steps=self.result.global_step,
+            train_loss=self.result.training_loss,
+            seconds=self.seconds,
+            losses=losses,
+            metrics=metrics,
+            training={
+                **(training or {}),
+                "resumed_from_step": checkpoint.step_of(self.resume_from) if self.resume_from else None,
+                "nonfinite_skipped": trainer.qtune_guard.events,
+            },
+            labels=labels,
+            samples=samples,
+            chat_template=chat_template,
+        )
+        png = loss_curve_png(losses, f"{self.out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}")
+        files = {"loss.png": png, **(files or {})}
+        lora.save_adapter(model, self.out_dir, meta, files, overwrite=cfg.output.overwrite, state_dict=self.weights)
+        checkpoint.finish(cfg)
+        print(f"adapter written to {self.out_dir} ({self.seconds:.0f} s of training)")
+        return self.out_dir
+
+
+def start(cfg: RunConfig) -> Run:
+    """Begin a run: refuse an existing output folder now (not after training), seed, find the base and its tokenizer.
+
+    The embedded SmolLM2 is converted once, on first use.
+    """
+    from transformers import set_seed
+
+    out_dir = lora.output_dir(cfg)
+    set_seed(cfg.train.seed)
+    base_path = models.resolve_base(cfg.model)
+    return Run(cfg, out_dir, base_path, models.load_tokenizer(base_path, cfg.model.trust_remote_code))
