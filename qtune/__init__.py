@@ -1,7 +1,8 @@
 """qtune: parameter-efficient fine-tuning for one consumer GPU.
 
-The library is a box of small parts (config, models, lora, data, train, evaluate, report);
-recipes/ holds the scripts that use them, and `qtune <verb>` is the command line.
+The library is the core every verb shares (config, models, data, lora, meta, atomic, evaluate, classify)
+and one package per verb family (train, export, serve, hub, plan); recipes/ holds the scripts that use
+them, and `qtune <verb>` is the command line. docs/architecture.md is the map.
 """
 
 __version__ = "0.1.0"

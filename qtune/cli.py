@@ -13,6 +13,7 @@ from pathlib import Path
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 BUILTIN_RECIPES = ("sft", "classify")
 TRUST_CODE = "run model code shipped with the base (never taken from the adapter's qtune.json)"
+ADAPTER_ARG = "adapter folder (adapters/NAME) or hub id (owner/name[@revision])"
 IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
 
 
@@ -270,32 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination file or folder")
     p.set_defaults(func=cmd_cp)
 
-    p = sub.add_parser("generate", help="answer a prompt with base + adapter")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
+    p = _loads_adapter(sub.add_parser("generate", help="answer a prompt with base + adapter"), cmd_generate)
     p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base-only", action="store_true", help="the base without the adapter")
-    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
-    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
+    p = _loads_adapter(p, cmd_eval)
     p.add_argument("--data", required=True, help="data file in any supported format")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
-    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")
-    p.add_argument("adapter", help="classification adapter folder or hub id (owner/name[@revision])")
+    p = _loads_adapter(p, cmd_predict, "classification adapter folder or hub id (owner/name[@revision])")
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
-    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
-    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
-    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("plan", help="will this run fit my GPU? memory breakdown from the model config alone")
     p.add_argument(
@@ -326,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- merge and export (qtune/export/) ----
     p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
+    p.add_argument("adapter", help=ADAPTER_ARG)
     p.add_argument("out", help="new folder for the merged model (must not exist, or be empty)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the adapter's model.dtype")
     p.add_argument(
@@ -338,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export for serving: --format peft | gguf | gguf-lora")
-    p.add_argument("adapter", help="adapter folder (adapters/NAME) or hub id (owner/name[@revision])")
+    p.add_argument("adapter", help=ADAPTER_ARG)
     p.add_argument("out", help="new output folder (peft, gguf) or .gguf file (gguf-lora)")
     p.add_argument("--format", required=True, choices=["peft", "gguf", "gguf-lora"])
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="gguf tensor type (default f16)")
@@ -374,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="hub id of the base, when it was trained from a local folder")
     p.set_defaults(func=cmd_push)
     return parser
+
+
+def _loads_adapter(p: argparse.ArgumentParser, func, what: str = ADAPTER_ARG) -> argparse.ArgumentParser:
+    """The arguments of every verb that loads base + adapter (generate, eval, predict)."""
+    p.add_argument("adapter", help=what)
+    p.add_argument("--ignore-base-mismatch", action="store_true", help=IGNORE_MISMATCH)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
+    p.set_defaults(func=func)
+    return p
 
 
 def _positive_int(flag: str):

@@ -98,3 +98,17 @@ def test_shipped_configs_parse_and_say_how_to_run(path):
 
 def test_there_is_a_shipped_config():
     assert CONFIGS
+
+
+def test_a_renamed_key_still_loads_with_a_note_and_both_names_are_refused(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  keep_checkpoints: 5\n")
+    assert load_config(old).train.save_limit == 5
+    assert "train.keep_checkpoints -> train.save_limit" in capsys.readouterr().out
+    assert load_config(None, ["train.keep_checkpoints=4"]).train.save_limit == 4
+    with pytest.raises(ConfigError, match="`train.keep_checkpoints` is the old name of `train.save_limit`"):
+        load_config(old, ["train.save_limit=3"])
+    # An adapter's qtune.json written before the rename: its recorded config still reads, and is not changed.
+    recorded = to_dict(RunConfig())
+    recorded["train"]["keep_checkpoints"] = recorded["train"].pop("save_limit")
+    assert from_dict(recorded).train.save_limit == 2 and "keep_checkpoints" in recorded["train"]

@@ -3,6 +3,7 @@ trained-positions loss, length-grouped batches, padding to a multiple, checkpoin
 on a tiny random Llama (fp32)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,45 @@ def test_nonfinite_guard_finds_the_rows_of_a_padding_free_batch():
     padded = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
     guard.saw(padded, False)
     assert guard.rows() == [3, 9]
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "smollm2_sentiment.yaml"
+
+
+def _demo_trainer(tmp_path, tiny_model_dir):
+    """The demo config's trainer (nf4, bf16, chunked loss, padding to 8, every 2nd layer recomputed), tiny Llama."""
+    from qtune import data, lora, models, train
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = load_config(
+        DEMO_CONFIG,
+        [f"model.name={tiny_model_dir}", f"data.train={rows}", "data.eval=null", "train.max_steps=2"]
+        + ["train.batch_size=4", "train.grad_accum=2", "train.save_every=0", f"output.dir={tmp_path}"],
+    )
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    examples, _ = data.load_examples(cfg.data.train, tokenizer, cfg.data)
+    model = lora.attach_lora(models.load_base(tiny_model_dir, cfg.model, cfg.quant, cfg.train), cfg.lora)
+    return train.build_sft_trainer(model, tokenizer, data.to_dataset(examples), cfg, tmp_path / "ck"), cfg
+
+
+def test_the_demo_setup_takes_the_trained_positions_loss_on_every_micro_batch(tmp_path, tiny_model_dir, capsys):
+    """The loss-curve tests above compare with trl's own loss, so they pass whether or not qtune's fast path runs;
+    this one fails as soon as one of the demo's training steps goes to trl's loss instead."""
+    trainer, cfg = _demo_trainer(tmp_path, tiny_model_dir)
+    assert cfg.quant.method == "nf4" and cfg.train.chunked_loss and cfg.train.checkpoint_every == 2
+    trainer.train()
+    assert trainer.qtune_fast_steps == cfg.train.max_steps * cfg.train.grad_accum
+    assert "trl's own" not in capsys.readouterr().out
+
+
+def test_a_trl_without_the_internals_the_loss_reads_falls_back_to_its_own_loss_and_says_so(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    from qtune.train import hooks
+
+    monkeypatch.setattr(hooks, "TRL_INTERNALS", (*hooks.TRL_INTERNALS, "_renamed_in_a_new_trl"))
+    trainer, _ = _demo_trainer(tmp_path, tiny_model_dir)
+    assert "has no _renamed_in_a_new_trl" in capsys.readouterr().out and not trainer.qtune_chunked_loss
+    result = trainer.train()
+    assert trainer.qtune_fast_steps == 0 and result.training_loss == result.training_loss  # trl's loss, finite
