@@ -14,6 +14,7 @@ never re-initialise it. The adapter folder holds the label map and a confusion-m
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 from qtune import classify, lora, models, train
@@ -27,12 +28,10 @@ def main(cfg: RunConfig) -> Path:
     tokenizer = run.tokenizer
     train_examples, train_report, id2label = classify.load_labelled(cfg.data.train, tokenizer, cfg.data)
     print(f"train data: {train_report.summary()}")
-    eval_examples, eval_report = [], None
-    if cfg.data.eval:
-        label2id = {v: k for k, v in id2label.items()}
-        eval_examples, eval_report, _ = classify.load_labelled(cfg.data.eval, tokenizer, cfg.data, label2id)
-        eval_examples = eval_examples[: cfg.eval.limit] if cfg.eval.limit else eval_examples
-        print(f"eval data:  {eval_report.summary()}")
+    # Held-out data: data.eval (its labels must be known to the training set), or a seeded data.eval_fraction.
+    label2id = {v: k for k, v in id2label.items()}
+    read_eval = partial(classify.load_labelled, tokenizer=tokenizer, cfg=cfg.data, label2id=label2id)
+    train_examples, eval_examples, eval_report = run.held_out(train_examples, read_eval)
     # train.fit_to_vram; resume an interrupted run (resume=auto) or refuse to start over it; before any model loads.
     cfg = run.prepare(train_report, longest=max(len(e.input_ids) for e in train_examples))
 

@@ -14,6 +14,7 @@ Interrupted (a crash, a kill, a full disk)? `qtune train CONFIG resume=auto` con
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from qtune import data, evaluate, lora, models, train
@@ -31,11 +32,9 @@ def main(cfg: RunConfig) -> Path:
         raise data.DataError("data.train is not set: point it at a .jsonl/.csv/.parquet file")
     train_examples, train_report = data.load_examples(cfg.data.train, tokenizer, cfg.data)
     print(f"train data: {train_report.summary()}")
-    eval_examples, eval_report = [], None
-    if cfg.data.eval:
-        eval_examples, eval_report = data.load_examples(cfg.data.eval, tokenizer, cfg.data)
-        eval_examples = eval_examples[: cfg.eval.limit] if cfg.eval.limit else eval_examples
-        print(f"eval data:  {eval_report.summary()}")
+    # Held-out data: data.eval, or a seeded data.eval_fraction of the training file.
+    read_eval = partial(data.load_examples, tokenizer=tokenizer, cfg=cfg.data)
+    train_examples, eval_examples, eval_report = run.held_out(train_examples, read_eval)
     # train.fit_to_vram; resume an interrupted run (resume=auto) or refuse to start over it; before any model loads.
     cfg = run.prepare(train_report, longest=max(len(e.input_ids) for e in train_examples))
 

@@ -6,7 +6,8 @@ of Social Media Text", MIT licence, shipped in the source distribution of vaders
 <TAB> snippet, in latin-1. Ratings with |mean| < 0.5 are too mixed to call and are left out.
 
     python -m recipes.vader data/downloads/vaderSentiment-3.3.2.tar.gz data
-writes data/vader_movies/ (chat, for recipes/sft.py), data/vader_movies_cls/ and data/vader_tweets_cls/
+writes data/vader_movies/ (chat, for recipes/sft.py; the same split as ShareGPT and Alpaca records in
+data/vader_movies_sharegpt/ and data/vader_movies_alpaca/), data/vader_movies_cls/ and data/vader_tweets_cls/
 ({"text", "label"}, for recipes/classify.py), each as train.jsonl + test.jsonl.
 """
 
@@ -50,6 +51,15 @@ def to_chat(text: str, label: str) -> dict:
     }
 
 
+def to_sharegpt(text: str, label: str) -> dict:
+    """The same question and answer as `to_chat`, as a ShareGPT record (the shape FastChat and LLaMA-Factory use)."""
+    return {"conversations": [{"from": "human", "value": QUESTION.format(text=text)}, {"from": "gpt", "value": label}]}
+
+
+def to_alpaca(text: str, label: str) -> dict:
+    return {"instruction": "Is this movie review positive or negative?", "input": text, "output": label}
+
+
 def to_labelled(text: str, label: str) -> dict:
     return {"text": text, "label": label}
 
@@ -80,6 +90,8 @@ def prepare_all(sdist: Path, root: Path) -> dict[str, dict[str, int]]:
     """Every demo data set under `root`."""
     return {
         "vader_movies": prepare(sdist, root / "vader_movies"),
+        "vader_movies_sharegpt": prepare(sdist, root / "vader_movies_sharegpt", record=to_sharegpt),
+        "vader_movies_alpaca": prepare(sdist, root / "vader_movies_alpaca", record=to_alpaca),
         "vader_movies_cls": prepare(sdist, root / "vader_movies_cls", record=to_labelled),
         "vader_tweets_cls": prepare(sdist, root / "vader_tweets_cls", source="tweets", record=to_labelled),
     }

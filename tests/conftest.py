@@ -122,3 +122,14 @@ def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Fingerprint caches and converted models go to a per-test folder, except the embedded model's."""
     monkeypatch.setenv("QTUNE_HOME", os.environ.get("QTUNE_TEST_HOME", str(tmp_path / "qtune-home")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real embedded SmolLM2-135M-Instruct tokenizer (ChatML, with its default system prompt), from its GGUF."""
+    from transformers import AutoTokenizer
+
+    from qtune.models import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

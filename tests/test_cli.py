@@ -49,9 +49,7 @@ def test_cp_then_train_with_the_copied_recipe(workspace, capsys):
     text = recipe.read_text()
     assert "def main(cfg: RunConfig)" in text
     # A user's edit: mark the run, to prove the copy (not the built-in) ran.
-    recipe.write_text(
-        text.replace("    run = train.start(cfg)", '    print("MY RECIPE")\n    run = train.start(cfg)')
-    )
+    recipe.write_text(text.replace("    run = train.start(cfg)", '    print("MY RECIPE")\n    run = train.start(cfg)'))
     main(["train", "run.yaml", "recipe=my_sft.py", "output.name=mine"])
     assert "MY RECIPE" in capsys.readouterr().out
     assert (workspace / "adapters" / "mine" / "qtune.json").is_file()

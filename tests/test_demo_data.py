@@ -49,3 +49,16 @@ def test_records_have_the_shapes_the_recipes_read(prepared):
     assert sum(sizes["vader_tweets_cls"].values()) == sum(
         abs(r[1]) >= 0.5 for r in vader.read_snippets(SDIST, vader.SOURCES["tweets"])
     )
+
+
+def test_sharegpt_and_alpaca_copies_hold_the_same_reviews_in_the_same_split(prepared):
+    root, sizes = prepared
+    assert sizes["vader_movies_sharegpt"] == sizes["vader_movies_alpaca"] == sizes["vader_movies"]
+    for split in ("train", "test"):
+        chats = [r["messages"] for r in read(root / "vader_movies" / f"{split}.jsonl")]
+        sharegpt = [r["conversations"] for r in read(root / "vader_movies_sharegpt" / f"{split}.jsonl")]
+        alpaca = read(root / "vader_movies_alpaca" / f"{split}.jsonl")
+        assert [[t["value"] for t in c] for c in sharegpt] == [[m["content"] for m in c] for c in chats]
+        assert all(t["from"] for c in sharegpt for t in c) and {c[1]["from"] for c in sharegpt} == {"gpt"}
+        assert [a["output"] for a in alpaca] == [c[1]["content"] for c in chats]
+        assert all(a["input"] in c[0]["content"] for a, c in zip(alpaca, chats))

@@ -1,19 +1,21 @@
-"""Training data: read local files into records (read.py), then recognise their format, validate every
-record and tokenize it with its loss mask (encode.py). Errors name the file, the row and the field."""
+"""Training data: read local files into records (read.py), recognise their format, map their columns and
+validate every record (formats.py), and tokenize it with its loss mask (encode.py). Errors name the file,
+the row and the field."""
 
 from qtune.config import DataConfig
 from qtune.data.encode import (
     ALPACA_TEMPLATE,
-    FORMATS,
     IGNORE,
     DataReport,
     Example,
+    HeldOut,
     chat_segments,
-    detect_format,
     encode,
+    hold_out,
     load_examples,
     to_dataset,
 )
+from qtune.data.formats import FORMATS, SHAREGPT_ROLES, detect_format
 from qtune.data.read import fingerprint_data, raise_all, read_records
 from qtune.errors import DataError
 
@@ -25,10 +27,13 @@ __all__ = [
     "DataError",
     "DataReport",
     "Example",
+    "HeldOut",
+    "SHAREGPT_ROLES",
     "chat_segments",
     "detect_format",
     "encode",
     "fingerprint_data",
+    "hold_out",
     "load_examples",
     "raise_all",
     "read_records",

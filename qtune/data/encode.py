@@ -1,10 +1,7 @@
-"""Recognise the format of records, validate every one, and tokenize them with label masks.
+"""Tokenize validated records with label masks, and hold out an evaluation split.
 
-Formats (one per file, detected from the first record's fields unless `data.format` says):
-  chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
-  alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
-  prompt_completion  {"prompt": ..., "completion": ...}  (strings, or lists of chat messages)
-  text               {"text": ...}
+The formats (one per file, detected from the first record's fields unless `data.format` says) are in
+qtune/data/formats.py.
 
 Chat-like records are rendered with the tokenizer's chat template; loss falls on the assistant
 replies (or completions) only, each ending in EOS, unless `data.loss_on` is "all". Every bad
@@ -16,23 +13,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
 from qtune.config import DataConfig
+from qtune.data.formats import check_columns, detect_format, rename_columns, validate
 from qtune.data.read import fingerprint_data, raise_all, read_records
 from qtune.errors import DataError
 
 IGNORE = -100
-FORMATS = ("chat", "alpaca", "prompt_completion", "text")
-_FORMAT_FIELDS = {
-    "chat": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-_ROLES = ("system", "user", "assistant", "tool")
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -72,100 +61,6 @@ class DataReport:
         if self.duplicates:
             parts.append(f"{self.duplicates} exact duplicate records (kept)")
         return ", ".join(parts)
-
-
-def detect_format(records: list[tuple[int, Any]], file: str) -> str:
-    """The format of a file, from the fields of its first record."""
-    row, first = records[0]
-    if not isinstance(first, dict):
-        raise DataError(f"{file}: row {row}: a record must be an object with named fields, got {type(first).__name__}")
-    for fmt, needed in _FORMAT_FIELDS.items():
-        if all(k in first for k in needed):
-            return fmt
-    raise DataError(
-        f"{file}: row {row}: cannot tell the format from fields {sorted(first)}; expected one of "
-        "`messages` (chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or `text`; "
-        "or set data.format"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: turn a raw record into messages / prompt+completion / text, or say exactly what is wrong
-
-
-def _text_field(record: dict, key: str, errors: list[str], row: int, optional: bool = False) -> str | None:
-    if key not in record or record[key] is None:
-        if not optional:
-            errors.append(f"row {row}: field `{key}` is missing")
-        return None
-    value = record[key]
-    if not isinstance(value, str):
-        errors.append(f"row {row}: field `{key}` must be text, got {type(value).__name__}")
-        return None
-    if not optional and not value.strip():
-        errors.append(f"row {row}: field `{key}` is empty")
-        return None
-    return value
-
-
-def _messages_field(value: Any, key: str, errors: list[str], row: int) -> list[dict] | None:
-    if not isinstance(value, list) or not value:
-        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{role, content}} messages")
-        return None
-    out = []
-    for i, m in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(m, dict):
-            errors.append(f"row {row}: field `{where}` must be an object with role and content")
-            return None
-        if m.get("role") not in _ROLES:
-            errors.append(f"row {row}: field `{where}.role` must be one of {', '.join(_ROLES)}, got {m.get('role')!r}")
-            return None
-        content = m.get("content")
-        if content is None:
-            errors.append(f"row {row}: field `{where}.content` is missing")
-            return None
-        if not isinstance(content, str):
-            errors.append(f"row {row}: field `{where}.content` must be text, got {type(content).__name__}")
-            return None
-        if m["role"] == "assistant" and not content.strip():
-            errors.append(f"row {row}: field `{where}.content` is an empty assistant reply")
-            return None
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def _validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
-    """Return a normalised record {'messages'} / {'prompt','completion'} / {'text'}, or None with errors added."""
-    if not isinstance(record, dict):
-        errors.append(f"row {row}: a record must be an object with named fields, got {type(record).__name__}")
-        return None
-    n = len(errors)
-    if fmt == "chat":
-        messages = _messages_field(record.get("messages"), "messages", errors, row)
-        if messages is not None and not any(m["role"] == "assistant" for m in messages):
-            errors.append(f"row {row}: field `messages` has no assistant message, so nothing to learn")
-        return {"messages": messages} if len(errors) == n else None
-    if fmt == "alpaca":
-        instruction = _text_field(record, "instruction", errors, row)
-        extra = _text_field(record, "input", errors, row, optional=True)
-        output = _text_field(record, "output", errors, row)
-        if len(errors) > n:
-            return None
-        user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return {"alpaca": (instruction, extra or ""), "messages": messages}
-    if fmt == "prompt_completion":
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if isinstance(prompt, list) or isinstance(completion, list):
-            p = _messages_field(prompt, "prompt", errors, row)
-            c = _messages_field(completion, "completion", errors, row)
-            return {"messages": p + c, "n_prompt": len(p)} if len(errors) == n else None
-        prompt = _text_field(record, "prompt", errors, row)
-        completion = _text_field(record, "completion", errors, row)
-        return {"prompt": prompt, "completion": completion} if len(errors) == n else None
-    text = _text_field(record, "text", errors, row)
-    return {"text": text} if len(errors) == n else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,16 +168,16 @@ def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
 def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataReport]:
     """Read, validate and tokenize a data file per `cfg`; raise DataError listing every bad record."""
     file = str(path)
-    records = read_records(path)
+    records = rename_columns(read_records(path), check_columns(cfg.columns), file)
     fmt = detect_format(records, file) if cfg.format == "auto" else cfg.format
-    if fmt in ("chat",) and not tokenizer.chat_template:
+    if fmt in ("chat", "sharegpt") and not tokenizer.chat_template:
         raise DataError(f"{file}: chat records need a base whose tokenizer has a chat template; this one has none")
     report = DataReport(file=file, format=fmt, records=len(records), fingerprint=fingerprint_data(path))
     errors: list[str] = []
     normalised = []
     seen: set[str] = set()
     for row, record in records:
-        norm = _validate(record, fmt, row, errors)
+        norm = validate(record, fmt, row, errors)
         if norm is None:
             continue
         if cfg.system_prompt and "messages" in norm and norm["messages"][0]["role"] != "system":
@@ -342,3 +237,35 @@ def to_dataset(examples, labels: list | None = None):
             "row": [e.row for e in examples],
         }
     )
+
+
+@dataclass
+class HeldOut:
+    """The evaluation split taken from the training file (data.eval_fraction); written into the run report."""
+
+    file: str
+    fraction: float
+    seed: int
+    examples: int
+
+    def summary(self) -> str:
+        return (
+            f"{self.examples} examples held out of {self.file} (data.eval_fraction={self.fraction}, seed {self.seed})"
+        )
+
+
+def hold_out(examples: list, fraction: float, seed: int, file: str) -> tuple[list, list, HeldOut]:
+    """Split a seeded `fraction` of the examples off for evaluation: (train, held out, report).
+
+    At least one example is held out and at least one kept; the split depends on the seed and the
+    examples' order only, so a resumed run holds out the same ones.
+    """
+    import random
+
+    if len(examples) < 2:
+        raise DataError(f"{file}: data.eval_fraction needs at least 2 examples to split, it has {len(examples)}")
+    count = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evaluation = [e for i, e in enumerate(examples) if i in held]
+    return train, evaluation, HeldOut(file, fraction, seed, len(evaluation))

@@ -131,5 +131,3 @@ def fingerprint_data(path: str | Path) -> str:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         digest.update(file.read_bytes())
     return "sha256:" + digest.hexdigest()
-
-

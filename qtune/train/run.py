@@ -2,6 +2,7 @@
 model and trainer, evaluates, and leaves the rest to a `Run`.
 
     run = train.start(cfg)              output folder checked, seed set, base folder and tokenizer
+    train, held, report = run.held_out(train, read)  data.eval, or a seeded data.eval_fraction of train
     cfg = run.prepare(report, longest)  train.fit_to_vram applied; resume point found (or an interrupted run refused)
     run.train(trainer)                  fit, timed; under FSDP the sharded weights gathered
     if run.writes: ...                  rank 0 alone evaluates and writes
@@ -11,12 +12,14 @@ model and trainer, evaluates, and leaves the rest to a `Run`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qtune import lora, models
 from qtune.config import RunConfig
+from qtune.data import hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
 from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
@@ -70,12 +73,29 @@ class Run:
         self.weights = gathered_weights(trainer)  # under FSDP every process helps gather the sharded weights
         return self.result
 
+    def held_out(self, train_examples: list, read_eval: Callable[[str], tuple]) -> tuple[list, list, Any]:
+        """The evaluation data: data.eval read by `read_eval(path)` -> (examples, report, ...), or else a seeded
+        data.eval_fraction of the training examples; at most eval.limit of them.
+
+        Returns (training examples, evaluation examples, evaluation report or None).
+        """
+        data = self.cfg.data
+        if data.eval:
+            evaluation, report = read_eval(data.eval)[:2]
+        elif data.eval_fraction:  # one file: a seeded fraction of it held out
+            train_examples, evaluation, report = hold_out(
+                train_examples, data.eval_fraction, self.cfg.train.seed, data.train
+            )
+        else:
+            return train_examples, [], None
+        print(f"eval data:  {report.summary()}")
+        return train_examples, evaluation[: self.cfg.eval.limit] if self.cfg.eval.limit else evaluation, report
+
     def evaluates(self, eval_examples: list) -> bool:
         """Whether there is held-out data to evaluate here (a sharded model cannot run on rank 0 alone)."""
         if eval_examples and self.cfg.train.fsdp:
-            print(
-                f"held-out evaluation skipped under FSDP: run `qtune eval {self.out_dir} --data {self.cfg.data.eval}`"
-            )
+            data = self.cfg.data.eval or "HELD_OUT_FILE"
+            print(f"held-out evaluation skipped under FSDP: run `qtune eval {self.out_dir} --data {data}`")
             return False
         return bool(eval_examples)
 

@@ -1,0 +1,255 @@
+"""Record formats: recognise a file's format, map its columns, and validate every record into one of
+{messages} / {prompt, completion} / {text}, or say exactly what is wrong (row and field).
+
+  chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+  sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}
+                     (also under `messages`; an optional top-level `system`); roles mapped by SHAREGPT_ROLES
+  alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
+  prompt_completion  {"prompt": ..., "completion": ...}  (strings, or lists of chat messages)
+  text               {"text": ...}
+
+`data.columns` names the file's own columns for these fields ({prompt: question, completion: answer}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtune.errors import ConfigError, DataError
+
+FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's `from` values as the common datasets and tools write them (FastChat, LLaMA-Factory, Axolotl), and
+# the chat role each becomes. A function call is the assistant's (trained); its result is a tool turn (not trained).
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+}
+MIXED = "mixed formats; a file holds one format, the first record's (or data.format's)"
+# The fields data.columns may map, and what each alias stands for.
+COLUMN_FIELDS = (
+    "messages",
+    "conversations",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "text",
+)
+_ALIASES = {"response": "completion"}  # the answer column: completion, or output next to an instruction
+
+
+def check_columns(columns: dict[str, str]) -> dict[str, str]:
+    """data.columns as field -> column, aliases resolved; an unknown field is a ConfigError naming the key."""
+    out = {}
+    for name, column in columns.items():
+        field = _ALIASES.get(name, name)
+        if field == "completion" and "instruction" in columns:
+            field = "output"  # an Alpaca file's answer
+        if field not in COLUMN_FIELDS:
+            raise ConfigError(
+                f"data.columns.{name}: no such field; map one of {', '.join(COLUMN_FIELDS)} (or response) "
+                "to your file's column, e.g. data.columns={{prompt: question, completion: answer}}"
+            )
+        out[field] = column
+    return out
+
+
+def rename_columns(records: list[tuple[int, Any]], columns: dict[str, str], file: str) -> list[tuple[int, Any]]:
+    """Records with the file's columns renamed to the format's fields (data.columns, as from `check_columns`).
+
+    A mapped column the first record lacks is an error naming it and the columns the file has; a later
+    record without it is reported by validation as a missing field, with the column named.
+    """
+    if not columns:
+        return records
+    first_row, first = next(((r, x) for r, x in records if isinstance(x, dict)), (None, None))
+    if first is not None:
+        missing = [f"data.columns.{f}={c}" for f, c in columns.items() if c not in first]
+        if missing:
+            raise DataError(f"{file}: row {first_row}: no column {', '.join(missing)}; its columns are {sorted(first)}")
+    out = []
+    for row, record in records:
+        if isinstance(record, dict):
+            renamed = {k: v for k, v in record.items() if k not in columns.values()}
+            renamed.update({f: record[c] for f, c in columns.items() if c in record})
+            record = renamed
+        out.append((row, record))
+    return out
+
+
+def _sharegpt_key(record: dict) -> str:
+    return "conversations" if "conversations" in record else "messages"
+
+
+def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | None:
+    """A ShareGPT conversation as chat messages, or None with the first problem added to `errors`."""
+    key = _sharegpt_key(record)
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{from, value}} turns")
+        return None
+    messages = []
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        errors.append(f"row {row}: field `system` must be text, got {type(system).__name__}")
+        return None
+    if system and system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            errors.append(f"row {row}: field `{where}` must be an object with from and value")
+            return None
+        if "from" not in turn and "role" in turn:
+            errors.append(f"row {row}: field `{where}` is a chat message (role/content) in a ShareGPT file: {MIXED}")
+            return None
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
+        if role is None:
+            errors.append(
+                f"row {row}: field `{where}.from` is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
+            return None
+        value = turn.get("value", turn.get("content"))
+        if value is None:
+            errors.append(f"row {row}: field `{where}.value` is missing")
+            return None
+        if not isinstance(value, str):
+            errors.append(f"row {row}: field `{where}.value` must be text, got {type(value).__name__}")
+            return None
+        if role == "assistant" and not value.strip():
+            errors.append(f"row {row}: field `{where}.value` is an empty {speaker} reply")
+            return None
+        messages.append({"role": role, "content": value})
+    return messages
+
+
+def detect_format(records: list[tuple[int, Any]], file: str) -> str:
+    """The format of a file, from the fields of its first record."""
+    row, first = records[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{file}: row {row}: a record must be an object with named fields, got {type(first).__name__}")
+    turns = first.get("messages")
+    if "conversations" in first or (
+        isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
+    ):
+        return "sharegpt"
+    for fmt, needed in FORMAT_FIELDS.items():
+        if all(k in first for k in needed):
+            return fmt
+    raise DataError(
+        f"{file}: row {row}: cannot tell the format from fields {sorted(first)}; expected one of "
+        "`messages` (chat), `conversations` with from/value (sharegpt), `instruction`+`output` (alpaca), "
+        "`prompt`+`completion`, or `text`; set data.format, or map your columns with data.columns"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: turn a raw record into messages / prompt+completion / text, or say exactly what is wrong
+
+
+def _text_field(record: dict, key: str, errors: list[str], row: int, optional: bool = False) -> str | None:
+    if key not in record or record[key] is None:
+        if not optional:
+            errors.append(f"row {row}: field `{key}` is missing")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        errors.append(f"row {row}: field `{key}` must be text, got {type(value).__name__}")
+        return None
+    if not optional and not value.strip():
+        errors.append(f"row {row}: field `{key}` is empty")
+        return None
+    return value
+
+
+def _messages_field(value: Any, key: str, errors: list[str], row: int) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{role, content}} messages")
+        return None
+    out = []
+    for i, m in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            errors.append(f"row {row}: field `{where}` must be an object with role and content")
+            return None
+        if "role" not in m and "from" in m:
+            errors.append(f"row {row}: field `{where}` is a ShareGPT turn (from/value) in a chat file: {MIXED}")
+            return None
+        if m.get("role") not in ROLES:
+            errors.append(f"row {row}: field `{where}.role` must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+            return None
+        content = m.get("content")
+        if content is None:
+            errors.append(f"row {row}: field `{where}.content` is missing")
+            return None
+        if not isinstance(content, str):
+            errors.append(f"row {row}: field `{where}.content` must be text, got {type(content).__name__}")
+            return None
+        if m["role"] == "assistant" and not content.strip():
+            errors.append(f"row {row}: field `{where}.content` is an empty assistant reply")
+            return None
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
+    """Return a normalised record {'messages'} / {'prompt','completion'} / {'text'}, or None with errors added."""
+    if not isinstance(record, dict):
+        errors.append(f"row {row}: a record must be an object with named fields, got {type(record).__name__}")
+        return None
+    n = len(errors)
+    if fmt == "sharegpt":
+        messages = _sharegpt_turns(record, row, errors)
+        if messages is not None and not any(m["role"] == "assistant" for m in messages):
+            errors.append(
+                f"row {row}: field `{_sharegpt_key(record)}` has no assistant (gpt) turn, so nothing to learn"
+            )
+        return {"messages": messages} if len(errors) == n else None
+    if fmt == "chat":
+        messages = _messages_field(record.get("messages"), "messages", errors, row)
+        if messages is not None and not any(m["role"] == "assistant" for m in messages):
+            errors.append(f"row {row}: field `messages` has no assistant message, so nothing to learn")
+        return {"messages": messages} if len(errors) == n else None
+    if fmt == "alpaca":
+        instruction = _text_field(record, "instruction", errors, row)
+        extra = _text_field(record, "input", errors, row, optional=True)
+        output = _text_field(record, "output", errors, row)
+        if len(errors) > n:
+            return None
+        user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return {"alpaca": (instruction, extra or ""), "messages": messages}
+    if fmt == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):
+            p = _messages_field(prompt, "prompt", errors, row)
+            c = _messages_field(completion, "completion", errors, row)
+            return {"messages": p + c, "n_prompt": len(p)} if len(errors) == n else None
+        prompt = _text_field(record, "prompt", errors, row)
+        completion = _text_field(record, "completion", errors, row)
+        return {"prompt": prompt, "completion": completion} if len(errors) == n else None
+    text = _text_field(record, "text", errors, row)
+    return {"text": text} if len(errors) == n else None

@@ -1,0 +1,209 @@
+"""Every record format, token by token on the real SmolLM2 tokenizer: trained positions are exactly the
+assistant's (or the completion's) tokens plus one EOS; ShareGPT roles, column mapping, held-out splits,
+and the errors a user meets, each naming file, row and field."""
+
+import json
+
+import pytest
+
+from qtune.config import ConfigError, DataConfig, load_config
+from qtune.data import IGNORE, DataError, encode, hold_out, load_examples
+from qtune.data.formats import validate
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "fine thank you"},
+    {"role": "user", "content": "two plus 22"},
+    {"role": "assistant", "content": "24, I think"},
+]
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "hello"},
+        {"from": "gpt", "value": "fine thank you"},
+        {"from": "human", "value": "two plus 22"},
+        {"from": "gpt", "value": "24, I think"},
+    ]
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained_ids(ex):
+    return [i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+
+
+def replies(tok, *texts):
+    """The token ids that must be trained: each reply, then the end-of-turn token, tokenized as the model sees it."""
+    return [i for t in texts for i in tok(t + tok.eos_token, add_special_tokens=False)["input_ids"]]
+
+
+def load(tmp_path, tok, rows, **data):
+    return load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tok, DataConfig(**data))
+
+
+def test_chat_multi_turn_trains_exactly_the_replies(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    (ex,), report = load(tmp_path, tok, [{"messages": CHAT}])
+    assert report.format == "chat"
+    assert trained_ids(ex) == replies(tok, "fine thank you", "24, I think")
+    assert ex.input_ids == tok(tok.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    # (SmolLM2 adds no BOS to plain text: the rendered template is the whole input, nothing put in front.)
+
+
+def test_sharegpt_is_detected_and_equals_the_same_chat(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    (ex,), report = load(tmp_path, tok, [SHAREGPT])
+    (chat,), _ = load(tmp_path, tok, [{"messages": CHAT}])
+    assert report.format == "sharegpt"
+    assert (ex.input_ids, ex.labels) == (chat.input_ids, chat.labels)
+
+
+def test_sharegpt_variants_a_top_level_system_and_tool_turns(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    record = {
+        "system": "Use the tools.",
+        "messages": [  # ShareGPT turns under `messages`, as some exports write them
+            {"from": "user", "value": "weather in Paris?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+            {"from": "observation", "value": '{"temp": 21}'},
+            {"from": "Assistant", "value": "21 degrees."},
+        ],
+    }
+    (ex,), report = load(tmp_path, tok, [record])
+    assert report.format == "sharegpt"
+    # The call and the answer are the assistant's (trained); the tool's result is not.
+    assert trained_ids(ex) == replies(tok, '{"name": "weather", "arguments": {"city": "Paris"}}', "21 degrees.")
+    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nUse the tools.<|im_end|>")
+    assert '<|im_start|>tool\n{"temp": 21}' in tok.decode(ex.input_ids)
+
+
+@pytest.mark.parametrize(
+    "record, trained, prompt_end",
+    [
+        ({"instruction": "add", "input": "1 2", "output": "three"}, "three", "<|im_start|>assistant\n"),
+        ({"instruction": "say hi", "output": "hi"}, "hi", "<|im_start|>assistant\n"),
+        ({"prompt": "Two plus two is", "completion": " four"}, " four", "Two plus two is"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}],
+                "completion": [{"role": "assistant", "content": "bye now"}],
+            },
+            "bye now",
+            "<|im_start|>assistant\n",
+        ),
+        ({"text": "just some text"}, "just some text", None),
+    ],
+    ids=["alpaca-input", "alpaca", "prompt-completion", "prompt-completion-messages", "text"],
+)
+def test_every_format_trains_exactly_its_answer_and_one_eos(smollm2_tokenizer, tmp_path, record, trained, prompt_end):
+    tok = smollm2_tokenizer
+    (ex,), _ = load(tmp_path, tok, [record])
+    assert trained_ids(ex) == replies(tok, trained)
+    assert trained_ids(ex).count(tok.eos_token_id) == 1
+    if prompt_end:
+        assert tok.decode(ex.prompt_ids).endswith(prompt_end)
+        assert all(lab == IGNORE for lab in ex.labels[: len(ex.prompt_ids)])
+
+
+def test_the_mask_equals_the_tokenizers_own_assistant_mask_under_a_generation_template(smollm2_tokenizer):
+    """Where a template marks the assistant's tokens ({% generation %}), transformers returns its own mask:
+    qtune's must be the same, token for token."""
+    tok = smollm2_tokenizer
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    original, tok.chat_template = tok.chat_template, template
+    try:
+        ex = encode(tok, {"messages": CHAT})
+        own = tok.apply_chat_template(CHAT, return_dict=True, return_assistant_tokens_mask=True)
+    finally:
+        tok.chat_template = original
+    assert ex.input_ids == own["input_ids"]
+    assert [int(lab != IGNORE) for lab in ex.labels] == own["assistant_masks"]
+
+
+def test_columns_map_a_file_with_its_own_names(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    rows = [{"question": "Two plus two?", "answer": "Four.", "id": 7}]
+    (ex,), report = load(tmp_path, tok, rows, columns={"prompt": "question", "response": "answer"})
+    assert report.format == "prompt_completion" and trained_ids(ex) == replies(tok, "Four.")
+    rows = [{"task": "add", "numbers": "1 2", "result": "three"}]
+    columns = {"instruction": "task", "input": "numbers", "response": "result"}
+    (ex,), report = load(tmp_path, tok, rows, columns=columns)
+    assert report.format == "alpaca" and trained_ids(ex) == replies(tok, "three")
+    (ex,), report = load(
+        tmp_path, tok, [{"dialogue": SHAREGPT["conversations"]}], columns={"conversations": "dialogue"}
+    )
+    assert report.format == "sharegpt"
+    # From the command line: data.columns={prompt: question, completion: answer}.
+    cfg = load_config(None, ["data.columns={prompt: question, completion: answer}"])
+    assert cfg.data.columns == {"prompt": "question", "completion": "answer"}
+
+
+def test_bad_input_names_file_row_and_field(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    bad_role = {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "..."}]}
+    with pytest.raises(
+        DataError, match=r"(?s)d\.jsonl: 1 bad record.*row 2: field `conversations\[1\]\.from` is 'narrator'"
+    ):
+        load(tmp_path, tok, [SHAREGPT, bad_role])
+    # Mixed formats in one file: the format is the first record's; a record of another is named as such.
+    with pytest.raises(DataError, match=r"row 2: field `messages\[0\]` is a chat message .* mixed formats"):
+        load(tmp_path, tok, [SHAREGPT, {"messages": CHAT}])
+    with pytest.raises(DataError, match=r"row 2: field `messages\[0\]` is a ShareGPT turn .* mixed formats"):
+        load(tmp_path, tok, [{"messages": CHAT}, {"messages": SHAREGPT["conversations"]}])
+    with pytest.raises(
+        DataError, match=r"row 1: no column data\.columns\.prompt=question; its columns are \['q', 'r'\]"
+    ):
+        load(tmp_path, tok, [{"q": "x", "r": "y"}], columns={"prompt": "question", "completion": "r"})
+    with pytest.raises(ConfigError, match="data.columns.reply: no such field"):
+        load(tmp_path, tok, [{"q": "x"}], columns={"reply": "q"})
+    rows = [{"question": "a", "answer": "b"}, {"question": "c"}]
+    with pytest.raises(DataError, match=r"row 2: field `completion` is missing"):
+        load(tmp_path, tok, rows, columns={"prompt": "question", "completion": "answer"})
+    errors = []
+    assert validate({"conversations": [{"from": "gpt", "value": ""}]}, "sharegpt", 3, errors) is None
+    assert errors == ["row 3: field `conversations[0].value` is an empty gpt reply"]
+
+
+def test_eval_fraction_holds_out_a_seeded_split(tmp_path):
+    examples = list(range(100))
+    train, held, report = hold_out(examples, 0.1, seed=42, file="d.jsonl")
+    assert len(held) == report.examples == 10 and sorted(train + held) == examples
+    assert hold_out(examples, 0.1, seed=42, file="d.jsonl")[1] == held != hold_out(examples, 0.1, 7, "d.jsonl")[1]
+    assert len(hold_out(examples[:3], 0.01, 42, "d.jsonl")[1]) == 1  # at least one held out, one kept
+    with pytest.raises(DataError, match="needs at least 2 examples"):
+        hold_out(examples[:1], 0.5, 42, "d.jsonl")
+    with pytest.raises(ConfigError, match="data.eval and data.eval_fraction both set"):
+        load_config(None, ["data.eval=x.jsonl", "data.eval_fraction=0.1"])
+    with pytest.raises(ConfigError, match=r"data.eval_fraction must be in \[0, 1\)"):
+        load_config(None, ["data.eval_fraction=1.5"])
+
+
+def test_one_sharegpt_file_trains_and_evaluates_on_its_held_out_fraction(tiny_model_dir, tmp_path):
+    from qtune.lora import read_meta
+    from recipes import sft
+
+    rows = [
+        {"conversations": [{"from": "human", "value": f"review {i}: {w}"}, {"from": "gpt", "value": w}]}
+        for i, w in enumerate(["good", "bad"] * 10)
+    ]
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=fp32", "quant.method=none", "train.max_steps=2"]
+    overrides += [f"data.train={write_jsonl(tmp_path / 'sharegpt.jsonl', rows)}", "data.eval_fraction=0.2"]
+    out = sft.main(load_config(None, [*overrides, "train.save_every=0", f"output.dir={tmp_path}", "output.name=sg"]))
+    meta = read_meta(out)
+    assert meta["data"]["train"]["format"] == "sharegpt" and meta["metrics"]["answered"] == 4
+    assert meta["data"]["eval"] == {
+        "file": str(tmp_path / "sharegpt.jsonl"),
+        "fraction": 0.2,
+        "seed": 42,
+        "examples": 4,
+    }
