@@ -173,6 +173,8 @@ def load_adapter(
     check_weights(adapter_dir)
     cfg, base_path = checked_base(adapter_dir, meta, check_base, trust_remote_code)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    if meta.chat_template:
+        tokenizer.chat_template = meta.chat_template  # the template it was trained with (data.chat_template)
     if meta.is_classifier:
         model, _ = load_classifier(base_path, cfg.model, cfg.quant, meta.labels.id2label, tokenizer.pad_token_id)
         if not base_only:

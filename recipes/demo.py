@@ -42,7 +42,7 @@ def main(overrides: list[str]) -> None:
 
     # Zero-shot: the base alone, same prompt, same quantization as training.
     start = time.perf_counter()
-    tokenizer = models.load_tokenizer(base_path)
+    tokenizer = data.apply_template(models.load_tokenizer(base_path), cfg.data.chat_template)  # as sft.main will
     held_out, _ = data.load_examples(cfg.data.eval, tokenizer, cfg.data)
     held_out = held_out[: cfg.eval.limit] if cfg.eval.limit else held_out
     base = models.load_base(base_path, cfg.model, cfg.quant)

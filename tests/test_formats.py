@@ -152,7 +152,8 @@ def test_bad_input_names_file_row_and_field(smollm2_tokenizer, tmp_path):
     tok = smollm2_tokenizer
     bad_role = {"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "..."}]}
     with pytest.raises(
-        DataError, match=r"(?s)d\.jsonl: 1 bad record.*row 2: field `conversations\[1\]\.from` is 'narrator'"
+        DataError,
+        match=r"(?s)d\.jsonl: 1 bad record.*row 2: field `conversations\[1\]\.from` must be one of .*, got 'narrator'",
     ):
         load(tmp_path, tok, [SHAREGPT, bad_role])
     # Mixed formats in one file: the format is the first record's; a record of another is named as such.
@@ -207,3 +208,87 @@ def test_one_sharegpt_file_trains_and_evaluates_on_its_held_out_fraction(tiny_mo
         "seed": 42,
         "examples": 4,
     }
+
+
+# ---------------------------------------------------------------- chat templates and tool calls
+
+TOOL_CHAT = [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+    },
+    {"role": "tool", "tool_call_id": "1", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees."},
+]
+CALL = '{"name": "weather", "arguments": {"city": "Paris"}}'
+# How each named template ends an assistant turn; where that is not the tokenizer's EOS, qtune adds the EOS.
+# (On SmolLM2, Llama's, Mistral's and Gemma's markers are plain text; with their own tokenizers they are tokens.)
+TURN_END = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "", "gemma": "<end_of_turn>\n", "alpaca": ""}
+
+
+@pytest.mark.parametrize("name", list(TURN_END))
+def test_named_templates_train_exactly_the_replies_and_tool_calls_never_tool_results(smollm2_tokenizer, name):
+    from qtune.data import TEMPLATES
+
+    tok = smollm2_tokenizer
+    original, tok.chat_template = tok.chat_template, TEMPLATES[name]
+    try:
+        ex = encode(tok, {"messages": validate({"messages": TOOL_CHAT}, "chat", 1, errors := [])["messages"]})
+        own = tok.apply_chat_template(TOOL_CHAT, return_dict=True, return_assistant_tokens_mask=True)
+    finally:
+        tok.chat_template = original
+    assert errors == []
+    end = TURN_END[name] if TURN_END[name] == tok.eos_token else TURN_END[name] + tok.eos_token
+    call = ("[TOOL_CALLS] " if name == "mistral" else "") + CALL  # Mistral marks a call; it is the model's to write
+    assert tok.decode(trained_ids(ex)) == f"{call}{end}21 degrees.{end}"
+    assert '{"temp": 21}' in tok.decode(ex.input_ids) and "Use the tools." in tok.decode(ex.input_ids)
+    if name == "chatml":  # turns end in EOS and start with special tokens: transformers' whole-text mask is ours
+        assert ex.input_ids == own["input_ids"]
+        assert [int(lab != IGNORE) for lab in ex.labels] == own["assistant_masks"]
+
+
+def test_a_template_that_drops_tool_calls_is_refused_and_unknown_templates_name_the_key(smollm2_tokenizer, tmp_path):
+    from qtune.data import resolve_template
+
+    with pytest.raises(DataError, match=r"row 1: the chat template leaves tool_calls out.*data.chat_template"):
+        load(tmp_path, smollm2_tokenizer, [{"messages": TOOL_CHAT}])  # SmolLM2's own template ignores tool_calls
+    with pytest.raises(ConfigError, match="data.chat_template: unknown template 'llama3'; use base .* chatml"):
+        resolve_template("llama3")
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert resolve_template(str(jinja)) == jinja.read_text() and resolve_template("base") is None
+    with pytest.raises(ConfigError, match="data.chat_template: .*missing.jinja is not a file"):
+        resolve_template(str(tmp_path / "missing.jinja"))
+
+
+def test_chat_data_on_a_base_without_a_template_names_the_key(tmp_path):
+    from tests.conftest import make_tokenizer
+
+    bare = make_tokenizer(None)
+    with pytest.raises(DataError, match=r"chat records need a chat template .*: set data.chat_template"):
+        load(tmp_path, bare, [{"messages": CHAT}])
+    with pytest.raises(DataError, match=r"sharegpt records need a chat template"):
+        load(tmp_path, bare, [SHAREGPT])
+
+
+def test_the_template_trained_with_is_stored_and_used_by_generate_and_serve(tiny_model_dir, tmp_path):
+    from qtune.data import TEMPLATES
+    from qtune.lora import load_adapter, read_meta
+    from qtune.serve.pool import AdapterPool
+    from recipes import sft
+
+    rows = [{"instruction": f"label {i}", "output": w} for i, w in enumerate(["good", "bad"] * 4)]
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=fp32", "quant.method=none", "train.max_steps=1"]
+    overrides += [f"data.train={write_jsonl(tmp_path / 'a.jsonl', rows)}", "data.chat_template=alpaca"]
+    out = sft.main(load_config(None, [*overrides, "train.save_every=0", f"output.dir={tmp_path}", "output.name=al"]))
+    assert read_meta(out)["chat_template"] == TEMPLATES["alpaca"]
+    _, tokenizer, _, _ = load_adapter(out)
+    assert tokenizer.chat_template == TEMPLATES["alpaca"]
+    pool = AdapterPool(str(tiny_model_dir), quant="none")
+    pool.add("al", out)
+    prompt = [{"role": "user", "content": "label 1"}]
+    assert pool.tokenizer.decode(pool.chat_ids("al", prompt)) == "### Instruction:\nlabel 1\n\n### Response:\n"
+    assert pool.tokenizer.decode(pool.chat_ids("base", prompt)).startswith("<|im_start|>user")

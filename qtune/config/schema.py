@@ -70,6 +70,11 @@ class DataConfig:
         "{messages: dialogue}: field -> column.",
         factory=dict,
     )
+    chat_template: str = _help(
+        "How chat records are rendered: 'base' (the tokenizer's own), chatml, llama-3, mistral, gemma, alpaca, or "
+        "a .jinja file. Stored with the adapter: generate, eval, serve and export use it too.",
+        "base",
+    )
     system_prompt: str | None = _help("System message prepended to chat/alpaca records that have none.", None)
     max_length: int = _help("Longest tokenized example, in tokens.", 1024)
     overlong: Literal["truncate", "reject"] = _help("What to do with examples over max_length.", "truncate")

@@ -17,6 +17,7 @@ from qtune.data.encode import (
 )
 from qtune.data.formats import FORMATS, SHAREGPT_ROLES, detect_format
 from qtune.data.read import fingerprint_data, raise_all, read_records
+from qtune.data.templates import TEMPLATES, apply_template, resolve_template
 from qtune.errors import DataError
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "Example",
     "HeldOut",
     "SHAREGPT_ROLES",
+    "TEMPLATES",
+    "apply_template",
     "chat_segments",
     "detect_format",
     "encode",
@@ -37,5 +40,6 @@ __all__ = [
     "load_examples",
     "raise_all",
     "read_records",
+    "resolve_template",
     "to_dataset",
 ]

@@ -125,9 +125,18 @@ def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | No
     if "prompt" in record:
         return [(record["prompt"], False), (record["completion"], True), ("", True)], record["completion"]
     messages = record["messages"]
-    answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")  # (a call-only turn: "")
     if tokenizer.chat_template:
-        return chat_segments(tokenizer, messages, record.get("n_prompt", 0)), answer
+        segments = chat_segments(tokenizer, messages, record.get("n_prompt", 0))
+        replies = "".join(text for text, trained in segments if trained)  # what the assistant is taught to write
+        for m in messages[record.get("n_prompt", 0) :]:
+            for call in m.get("tool_calls") or []:
+                if call.get("function", call)["name"] not in replies:
+                    raise DataError(
+                        "the chat template leaves tool_calls out of the text (it would train an empty reply): "
+                        "set data.chat_template to one that renders them (chatml, llama-3, mistral, gemma, alpaca)"
+                    )
+        return segments, answer
     if "alpaca" not in record:
         raise DataError("chat messages need a base whose tokenizer has a chat template; this one has none")
     # Alpaca records for a base without a chat template: the classic Alpaca prompt.
@@ -171,7 +180,10 @@ def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Ex
     records = rename_columns(read_records(path), check_columns(cfg.columns), file)
     fmt = detect_format(records, file) if cfg.format == "auto" else cfg.format
     if fmt in ("chat", "sharegpt") and not tokenizer.chat_template:
-        raise DataError(f"{file}: chat records need a base whose tokenizer has a chat template; this one has none")
+        raise DataError(
+            f"{file}: {fmt} records need a chat template and this base's tokenizer has none: set data.chat_template "
+            "(chatml, llama-3, mistral, gemma, alpaca, or a .jinja file)"
+        )
     report = DataReport(file=file, format=fmt, records=len(records), fingerprint=fingerprint_data(path))
     errors: list[str] = []
     normalised = []

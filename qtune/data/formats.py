@@ -107,9 +107,6 @@ def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | N
     """A ShareGPT conversation as chat messages, or None with the first problem added to `errors`."""
     key = _sharegpt_key(record)
     turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{from, value}} turns")
-        return None
     messages = []
     system = record.get("system")
     if system is not None and not isinstance(system, str):
@@ -117,33 +114,8 @@ def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | N
         return None
     if system and system.strip():
         messages.append({"role": "system", "content": system})
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            errors.append(f"row {row}: field `{where}` must be an object with from and value")
-            return None
-        if "from" not in turn and "role" in turn:
-            errors.append(f"row {row}: field `{where}` is a chat message (role/content) in a ShareGPT file: {MIXED}")
-            return None
-        speaker = turn.get("from")
-        role = SHAREGPT_ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
-        if role is None:
-            errors.append(
-                f"row {row}: field `{where}.from` is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
-            )
-            return None
-        value = turn.get("value", turn.get("content"))
-        if value is None:
-            errors.append(f"row {row}: field `{where}.value` is missing")
-            return None
-        if not isinstance(value, str):
-            errors.append(f"row {row}: field `{where}.value` must be text, got {type(value).__name__}")
-            return None
-        if role == "assistant" and not value.strip():
-            errors.append(f"row {row}: field `{where}.value` is an empty {speaker} reply")
-            return None
-        messages.append({"role": role, "content": value})
-    return messages
+    turns = _turns(turns, key, errors, row, sharegpt=True)
+    return None if turns is None else messages + turns
 
 
 def detect_format(records: list[tuple[int, Any]], file: str) -> str:
@@ -185,33 +157,63 @@ def _text_field(record: dict, key: str, errors: list[str], row: int, optional: b
     return value
 
 
-def _messages_field(value: Any, key: str, errors: list[str], row: int) -> list[dict] | None:
+def _tool_calls_ok(calls: Any, role: str, where: str, errors: list[str], row: int) -> bool:
+    """OpenAI-shaped tool calls on an assistant turn: [{"type": "function", "function": {"name", "arguments"}}]."""
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        errors.append(f"row {row}: field `{where}` must be a non-empty list, on an assistant message")
+        return False
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            errors.append(f"row {row}: field `{where}[{j}].function.name` is missing")
+            return False
+        if not isinstance(function.get("arguments", {}), (dict, str)):
+            errors.append(f"row {row}: field `{where}[{j}].function.arguments` must be an object or a JSON string")
+            return False
+    return True
+
+
+def _turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) -> list[dict] | None:
+    """Chat messages ({role, content}) or ShareGPT turns ({from, value}) as chat messages, or None with the
+    first problem added to `errors`."""
+    role_key, text_key, other = ("from", "value", "role") if sharegpt else ("role", "content", "from")
+    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
     if not isinstance(value, list) or not value:
-        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{role, content}} messages")
+        errors.append(f"row {row}: field `{key}` must be a non-empty list of {{{role_key}, {text_key}}} messages")
         return None
     out = []
     for i, m in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            errors.append(f"row {row}: field `{where}` must be an object with role and content")
+            errors.append(f"row {row}: field `{where}` must be an object with {role_key} and {text_key}")
             return None
-        if "role" not in m and "from" in m:
-            errors.append(f"row {row}: field `{where}` is a ShareGPT turn (from/value) in a chat file: {MIXED}")
+        if role_key not in m and other in m:
+            this, file = ("a chat message (role/content)", "ShareGPT") if sharegpt else ("a ShareGPT turn", "chat")
+            errors.append(f"row {row}: field `{where}` is {this} in a {file} file: {MIXED}")
             return None
-        if m.get("role") not in ROLES:
-            errors.append(f"row {row}: field `{where}.role` must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        speaker = m.get(role_key)
+        role = roles.get(speaker.strip().lower() if sharegpt else speaker) if isinstance(speaker, str) else None
+        if role is None:
+            errors.append(f"row {row}: field `{where}.{role_key}` must be one of {', '.join(roles)}, got {speaker!r}")
             return None
-        content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None and not _tool_calls_ok(calls, role, f"{where}.tool_calls", errors, row):
+            return None
+        content = m.get(text_key, m.get("content"))
+        if content is None and calls:
+            content = ""  # an assistant turn that only calls tools (OpenAI writes its content as null)
         if content is None:
-            errors.append(f"row {row}: field `{where}.content` is missing")
+            errors.append(f"row {row}: field `{where}.{text_key}` is missing")
             return None
         if not isinstance(content, str):
-            errors.append(f"row {row}: field `{where}.content` must be text, got {type(content).__name__}")
+            errors.append(f"row {row}: field `{where}.{text_key}` must be text, got {type(content).__name__}")
             return None
-        if m["role"] == "assistant" and not content.strip():
-            errors.append(f"row {row}: field `{where}.content` is an empty assistant reply")
+        if role == "assistant" and not content.strip() and not calls:
+            errors.append(f"row {row}: field `{where}.{text_key}` is an empty {speaker} reply")
             return None
-        out.append({"role": m["role"], "content": content})
+        message = {"role": role, "content": content}
+        message.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append({**message, "tool_calls": calls} if calls else message)
     return out
 
 
@@ -229,7 +231,7 @@ def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
             )
         return {"messages": messages} if len(errors) == n else None
     if fmt == "chat":
-        messages = _messages_field(record.get("messages"), "messages", errors, row)
+        messages = _turns(record.get("messages"), "messages", errors, row, sharegpt=False)
         if messages is not None and not any(m["role"] == "assistant" for m in messages):
             errors.append(f"row {row}: field `messages` has no assistant message, so nothing to learn")
         return {"messages": messages} if len(errors) == n else None
@@ -245,8 +247,8 @@ def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
     if fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
-            p = _messages_field(prompt, "prompt", errors, row)
-            c = _messages_field(completion, "completion", errors, row)
+            p = _turns(prompt, "prompt", errors, row, sharegpt=False)
+            c = _turns(completion, "completion", errors, row, sharegpt=False)
             return {"messages": p + c, "n_prompt": len(p)} if len(errors) == n else None
         prompt = _text_field(record, "prompt", errors, row)
         completion = _text_field(record, "completion", errors, row)

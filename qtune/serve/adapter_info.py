@@ -30,6 +30,7 @@ class AdapterInfo:
     source: Literal["qtune", "peft"]
     bytes: int
     system_prompt: str | None = None
+    chat_template: str | None = None  # the template a qtune adapter was trained with (qtune.json)
     id2label: dict[int, str] | None = None
     group: tuple | None = None  # classification: which classifier base it sits on
     config: RunConfig | None = None  # classification: the run config, to load its own base
@@ -79,7 +80,9 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
             f"{path} was trained on a base with fingerprint {recorded[:19]}..., but the served base "
             f"{base_path} has {fingerprint[:19]}...: serve it with its own base ({cfg.model.name})"
         )
-    return AdapterInfo(name, path, CAUSAL_LM, "qtune", size, system_prompt=cfg.data.system_prompt)
+    return AdapterInfo(
+        name, path, CAUSAL_LM, "qtune", size, system_prompt=cfg.data.system_prompt, chat_template=meta.chat_template
+    )
 
 
 def check_fits(model, folder: Path) -> None:

@@ -248,14 +248,18 @@ class AdapterPool:
     def chat_ids(self, adapter: str, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the chat template, ready for the assistant's reply.
 
-        A qtune adapter trained with a system prompt gets it when the messages bring none, as in training.
+        A qtune adapter is prompted as it was trained: with its chat template (data.chat_template), and its
+        system prompt when the messages bring none.
         """
-        if not self.tokenizer.chat_template:
-            raise ConfigError(f"{self.base_path} has no chat template: use the completions endpoint")
         info = self.adapters.get(adapter)
+        template = (info.chat_template if info else None) or self.tokenizer.chat_template
+        if not template:
+            raise ConfigError(f"{self.base_path} has no chat template: use the completions endpoint")
         if info is not None and info.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": info.system_prompt}, *messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---------------------------------------------------------------- generation

@@ -19,7 +19,7 @@ from typing import Any
 
 from qtune import lora, models
 from qtune.config import RunConfig
-from qtune.data import hold_out
+from qtune.data import apply_template, hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
 from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
@@ -148,7 +148,8 @@ class Run:
 
 
 def start(cfg: RunConfig) -> Run:
-    """Begin a run: refuse an existing output folder now (not after training), seed, find the base and its tokenizer.
+    """Begin a run: refuse an existing output folder now (not after training), seed, find the base and its tokenizer
+    (with data.chat_template applied).
 
     The embedded SmolLM2 is converted once, on first use.
     """
@@ -157,4 +158,6 @@ def start(cfg: RunConfig) -> Run:
     out_dir = lora.output_dir(cfg)
     set_seed(cfg.train.seed)
     base_path = models.resolve_base(cfg.model)
-    return Run(cfg, out_dir, base_path, models.load_tokenizer(base_path, cfg.model.trust_remote_code))
+    tokenizer = models.load_tokenizer(base_path, cfg.model.trust_remote_code)
+    apply_template(tokenizer, cfg.data.chat_template)  # data.chat_template: stored with the adapter by save
+    return Run(cfg, out_dir, base_path, tokenizer)
