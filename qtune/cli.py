@@ -174,9 +174,6 @@ def cmd_plan(args) -> None:
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
 
 
-# ---- merge and export (qtune/export/) ----
-
-
 def cmd_merge(args) -> None:
     from qtune.export import merge
     from qtune.hub import resolve_adapter
@@ -205,9 +202,6 @@ def cmd_export(args) -> None:
     print(f"{args.format} export written to {out}")
 
 
-# ---- serve (qtune/serve/) ----
-
-
 def cmd_serve(args) -> None:
     import os
 
@@ -227,9 +221,6 @@ def cmd_serve(args) -> None:
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens,
     )
-
-
-# ---- push to the Hugging Face Hub (qtune/hub/) ----
 
 
 def cmd_push(args) -> None:
@@ -315,7 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
-    # ---- merge and export (qtune/export/) ----
     p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
     p.add_argument("adapter", help=ADAPTER_ARG)
     p.add_argument("out", help="new folder for the merged model (must not exist, or be empty)")
@@ -336,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="gguf: dtype to merge in")
     p.set_defaults(func=cmd_export)
 
-    # ---- serve (qtune/serve/) ----
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, many adapters, mixed-adapter batches")
     p.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m, a local HF folder, or a hub id")
     p.add_argument("--adapters", default=None, help="folder whose subfolders are adapters (model name = subfolder)")
@@ -352,7 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=_positive_int("--max-prompt-tokens"), default=None, help="per request")
     p.set_defaults(func=cmd_serve)
 
-    # ---- push to the Hugging Face Hub (qtune/hub/) ----
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
     p.add_argument("adapter", help="adapter folder (adapters/NAME)")
     p.add_argument("repo_id", help="hub repo id, owner/name (created if it does not exist)")
