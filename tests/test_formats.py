@@ -292,3 +292,23 @@ def test_the_template_trained_with_is_stored_and_used_by_generate_and_serve(tiny
     prompt = [{"role": "user", "content": "label 1"}]
     assert pool.tokenizer.decode(pool.chat_ids("al", prompt)) == "### Instruction:\nlabel 1\n\n### Response:\n"
     assert pool.tokenizer.decode(pool.chat_ids("base", prompt)).startswith("<|im_start|>user")
+
+
+def test_arrow_files_and_hub_dataset_ids(smollm2_tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    from qtune.data import fingerprint_data
+
+    datasets.Dataset.from_list([SHAREGPT, SHAREGPT]).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    examples, report = load_examples(arrow, smollm2_tokenizer, DataConfig())
+    assert report.format == "sharegpt" and len(examples) == 2 and fingerprint_data(arrow).startswith("sha256:")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    with pytest.raises(
+        DataError, match="someone/chats:test: no such file, and as a hub dataset .*HF_HUB_OFFLINE is set"
+    ):
+        load_examples("someone/chats:test", smollm2_tokenizer, DataConfig())
+    with pytest.raises(DataError, match=r"data/typo\.jsonl: no such file or folder"):
+        load_examples("data/typo.jsonl", smollm2_tokenizer, DataConfig())

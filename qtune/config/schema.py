@@ -57,7 +57,11 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = _help("Training file: .jsonl, .json, .csv, .parquet, or a saved `datasets` folder.", "")
+    train: str = _help(
+        "Training data: .jsonl, .json, .csv, .parquet, .arrow, a saved `datasets` folder, or a hub dataset id "
+        "(owner/name or owner/name:split, through the Hugging Face cache).",
+        "",
+    )
     eval: str | None = _help("Held-out file in the same format (optional).", None)
     eval_fraction: float = _help(
         "Without data.eval: hold out this fraction of the training records (seeded by train.seed) for evaluation.", 0.0

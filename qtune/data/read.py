@@ -88,11 +88,21 @@ def _read_table(rows: Iterable[dict]) -> list[tuple[int, Any]]:
 
 
 def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """Read a data file (or saved `datasets` folder) into (row number, record) pairs, rows counted from 1."""
+    """Read a data file, a saved `datasets` folder, or a hub dataset id into (row number, record) pairs, rows
+    counted from 1."""
+    if is_hub_dataset(path):
+        return _read_table(_hub_dataset(str(path)).to_list())
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
+    if path.suffix == ".arrow":  # one Arrow file of a saved `datasets` split
+        import datasets
+
+        try:
+            records = _read_table(datasets.Dataset.from_file(str(path)).to_list())
+        except Exception as e:
+            raise DataError(f"{path}: not a readable datasets Arrow file ({e})") from None
+    elif path.is_dir():
         import datasets
 
         try:
@@ -116,14 +126,51 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         except Exception as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet or a folder")
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet, .arrow, a saved "
+            "datasets folder, or a hub dataset id (owner/name, owner/name:split)"
+        )
     if not records:
         raise DataError(f"{path}: holds no records")
     return records
 
 
+def is_hub_dataset(spec: str | Path) -> bool:
+    """`owner/name` or `owner/name:split` that is not a local path: a dataset on the Hugging Face Hub."""
+    text = str(spec)
+    name = text.split(":", 1)[0]
+    return (
+        not Path(text).exists()
+        and name.count("/") == 1
+        and not text.startswith((".", "/", "~"))
+        and not Path(name).suffix
+        and not Path(name.split("/")[0]).is_dir()  # `data/typo` beside a ./data folder is a local typo
+    )
+
+
+def _hub_dataset(spec: str):
+    """One split of a hub dataset, through the Hugging Face cache; offline (HF_HUB_OFFLINE) only from the cache."""
+    import datasets
+
+    from qtune.hub.resolve import brief_error, hub_offline
+
+    name, _, split = spec.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # offline and not cached, a missing split, a gated repo: one clear line
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the datasets cache: run once with the network, or "
+            "save it to a local file"
+            if hub_offline()
+            else brief_error(e)
+        )
+        raise DataError(f"{spec}: no such file, and as a hub dataset it could not be loaded: {why}") from None
+
+
 def fingerprint_data(path: str | Path) -> str:
-    """SHA-256 over the bytes of a data file, or of every file in a data folder."""
+    """SHA-256 over the bytes of a data file, or of every file in a data folder; a hub dataset's own fingerprint."""
+    if is_hub_dataset(path):
+        return "datasets:" + _hub_dataset(str(path))._fingerprint
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
