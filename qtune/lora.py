@@ -156,6 +156,14 @@ def checked_base(
     return cfg, base_path
 
 
+def adapter_tokenizer(base_path: Path, meta: AdapterMeta, trust_remote_code: bool = False):
+    """The base's tokenizer, prompting as the adapter was trained: with the chat template stored in qtune.json."""
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    if meta.chat_template:
+        tokenizer.chat_template = meta.chat_template
+    return tokenizer
+
+
 def load_adapter(
     adapter_dir: str | Path,
     *,
@@ -172,9 +180,7 @@ def load_adapter(
     meta = meta or AdapterMeta.read(adapter_dir)
     check_weights(adapter_dir)
     cfg, base_path = checked_base(adapter_dir, meta, check_base, trust_remote_code)
-    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    if meta.chat_template:
-        tokenizer.chat_template = meta.chat_template  # the template it was trained with (data.chat_template)
+    tokenizer = adapter_tokenizer(base_path, meta, cfg.model.trust_remote_code)
     if meta.is_classifier:
         model, _ = load_classifier(base_path, cfg.model, cfg.quant, meta.labels.id2label, tokenizer.pad_token_id)
         if not base_only:

@@ -73,6 +73,7 @@ def ensure_embedded_model() -> Path:
 
     gguf = embedded_gguf_path()
     with atomic.staged_folder(target, replace=True) as tmp:
+        tmp.chmod(0o755)  # a shared cache: readable by every user, whatever the umask
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config

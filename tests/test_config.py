@@ -112,3 +112,14 @@ def test_a_renamed_key_still_loads_with_a_note_and_both_names_are_refused(tmp_pa
     recorded = to_dict(RunConfig())
     recorded["train"]["keep_checkpoints"] = recorded["train"].pop("save_limit")
     assert from_dict(recorded).train.save_limit == 2 and "keep_checkpoints" in recorded["train"]
+
+
+@pytest.mark.parametrize("recorded", [None, [], "x"])
+def test_a_recorded_config_that_is_not_a_mapping_is_a_clear_error(recorded):
+    from qtune.errors import AdapterError
+    from qtune.meta import AdapterMeta
+
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        from_dict(recorded)
+    with pytest.raises(AdapterError, match="qtune.json: its recorded config is invalid"):
+        AdapterMeta.from_json({"config": recorded, "base": {"fingerprint": "sha256:0"}})

@@ -312,3 +312,48 @@ def test_arrow_files_and_hub_dataset_ids(smollm2_tokenizer, tmp_path, monkeypatc
         load_examples("someone/chats:test", smollm2_tokenizer, DataConfig())
     with pytest.raises(DataError, match=r"data/typo\.jsonl: no such file or folder"):
         load_examples("data/typo.jsonl", smollm2_tokenizer, DataConfig())
+
+
+def test_review_cases_tool_call_shapes_columns_and_broken_templates(smollm2_tokenizer, tmp_path):
+    from qtune.data import TEMPLATES
+
+    tok = smollm2_tokenizer
+    # A call with no arguments renders; an empty tool_calls list is no call; ShareGPT turns written as role/content.
+    no_args = [{"role": "user", "content": "now?"}, {"role": "assistant", "tool_calls": [{"function": {"name": "t"}}]}]
+    original, tok.chat_template = tok.chat_template, TEMPLATES["chatml"]
+    try:
+        (ex,), _ = load(tmp_path, tok, [{"messages": no_args}])
+        assert tok.decode(trained_ids(ex)) == '{"name": "t", "arguments": {}}<|im_end|>'
+        # A reply that names the tool in its text does not hide a template that drops the call itself.
+        tok.chat_template = original
+        named = [{"role": "user", "content": "?"}, {**no_args[1], "content": "calling t"}]
+        with pytest.raises(DataError, match="leaves tool_calls out"):
+            load(tmp_path, tok, [{"messages": named}])
+        # A template that breaks is one line naming data.chat_template, not a traceback.
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }{% endfor %}"
+        with pytest.raises(DataError, match=r"row 1: the chat template cannot render .*data.chat_template"):
+            load(tmp_path, tok, [{"messages": CHAT}])
+    finally:
+        tok.chat_template = original
+    plain = [{**m, "tool_calls": []} for m in CHAT]
+    (ex,), _ = load(tmp_path, tok, [{"messages": plain}])
+    assert trained_ids(ex) == replies(tok, "fine thank you", "24, I think")
+    (ex,), report = load(tmp_path, tok, [{"conversations": CHAT}])
+    assert report.format == "sharegpt" and trained_ids(ex) == replies(tok, "fine thank you", "24, I think")
+    # `response` is an Alpaca file's output when the file has an instruction column.
+    rows = [{"instruction": "add", "input": "1 2", "answer": "three"}]
+    (ex,), report = load(tmp_path, tok, rows, columns={"response": "answer"})
+    assert report.format == "alpaca" and trained_ids(ex) == replies(tok, "three")
+    # A record without the mapped column never falls back to a field of the same name it happens to have.
+    rows = [{"q": "x", "a": "y"}, {"a": "z", "prompt": "stale"}]
+    with pytest.raises(DataError, match=r"row 2: field `prompt` is missing"):
+        load(tmp_path, tok, rows, columns={"prompt": "q", "completion": "a"})
+
+
+def test_a_published_adapter_never_carries_a_local_template_path():
+    from qtune.hub import public_meta
+
+    meta = {"config": {"data": {"chat_template": "/home/alice/templates/mine.jinja", "train": "/home/alice/d.jsonl"}}}
+    assert public_meta(meta)["config"]["data"] == {"chat_template": "mine.jinja", "train": "d.jsonl"}
+    named = {"config": {"data": {"chat_template": "llama-3"}}}
+    assert public_meta(named)["config"]["data"]["chat_template"] == "llama-3"

@@ -162,6 +162,8 @@ RENAMED = {"train.keep_checkpoints": "train.save_limit"}
 def _rename_old_keys(values: dict[str, Any]) -> list[str]:
     """Move values under renamed keys to their new names, in place; returns `old -> new` for each one moved."""
     moved = []
+    if not isinstance(values, dict):
+        return moved  # _build says what is wrong with it
     for old, new in RENAMED.items():
         (section, old_leaf), new_leaf = old.split("."), new.split(".")[1]
         part = values.get(section)

@@ -81,7 +81,12 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # a broken template, or one that refuses these roles (raise_exception)
+        raise DataError(f"the chat template cannot render this conversation: {e} (see data.chat_template)") from None
 
 
 def chat_segments(tokenizer, messages: list[dict], first_trained: int = 0) -> list[tuple[str, bool]]:
@@ -128,13 +133,14 @@ def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | No
     answer = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")  # (a call-only turn: "")
     if tokenizer.chat_template:
         segments = chat_segments(tokenizer, messages, record.get("n_prompt", 0))
-        replies = "".join(text for text, trained in segments if trained)  # what the assistant is taught to write
-        for m in messages[record.get("n_prompt", 0) :]:
-            for call in m.get("tool_calls") or []:
-                if call.get("function", call)["name"] not in replies:
+        first = record.get("n_prompt", 0)
+        for i, m in enumerate(messages[first:], first):
+            if m.get("tool_calls"):  # a template that ignores tool_calls would train an empty or partial reply
+                without = [*messages[:i], {k: v for k, v in m.items() if k != "tool_calls"}]
+                if _render(tokenizer, messages[: i + 1], False) == _render(tokenizer, without, False):
                     raise DataError(
-                        "the chat template leaves tool_calls out of the text (it would train an empty reply): "
-                        "set data.chat_template to one that renders them (chatml, llama-3, mistral, gemma, alpaca)"
+                        "the chat template leaves tool_calls out of the text: set data.chat_template to one that "
+                        "renders them (chatml, llama-3, mistral, gemma, alpaca)"
                     )
         return segments, answer
     if "alpaca" not in record:

@@ -57,34 +57,32 @@ COLUMN_FIELDS = (
     "completion",
     "text",
 )
-_ALIASES = {"response": "completion"}  # the answer column: completion, or output next to an instruction
+_ALIASES = {"response": "completion"}  # the answer: completion, or output next to an instruction (rename_columns)
 
 
 def check_columns(columns: dict[str, str]) -> dict[str, str]:
-    """data.columns as field -> column, aliases resolved; an unknown field is a ConfigError naming the key."""
-    out = {}
-    for name, column in columns.items():
-        field = _ALIASES.get(name, name)
-        if field == "completion" and "instruction" in columns:
-            field = "output"  # an Alpaca file's answer
-        if field not in COLUMN_FIELDS:
+    """data.columns checked: each key a field of some format (or `response`); an unknown one is a ConfigError."""
+    for name in columns:
+        if _ALIASES.get(name, name) not in COLUMN_FIELDS:
             raise ConfigError(
                 f"data.columns.{name}: no such field; map one of {', '.join(COLUMN_FIELDS)} (or response) "
                 "to your file's column, e.g. data.columns={{prompt: question, completion: answer}}"
             )
-        out[field] = column
-    return out
+    return dict(columns)
 
 
 def rename_columns(records: list[tuple[int, Any]], columns: dict[str, str], file: str) -> list[tuple[int, Any]]:
     """Records with the file's columns renamed to the format's fields (data.columns, as from `check_columns`).
 
-    A mapped column the first record lacks is an error naming it and the columns the file has; a later
-    record without it is reported by validation as a missing field, with the column named.
+    `response` is the answer: `output` beside an instruction (Alpaca), else `completion`. A mapped column the
+    first record lacks is an error naming it and the columns the file has; a later record without it is
+    reported by validation as a missing field (its own field of that name, if any, is never used instead).
     """
     if not columns:
         return records
     first_row, first = next(((r, x) for r, x in records if isinstance(x, dict)), (None, None))
+    alpaca = "instruction" in columns or (first is not None and "instruction" in first)
+    fields = {("output" if alpaca else "completion") if f == "response" else f: c for f, c in columns.items()}
     if first is not None:
         missing = [f"data.columns.{f}={c}" for f, c in columns.items() if c not in first]
         if missing:
@@ -92,8 +90,8 @@ def rename_columns(records: list[tuple[int, Any]], columns: dict[str, str], file
     out = []
     for row, record in records:
         if isinstance(record, dict):
-            renamed = {k: v for k, v in record.items() if k not in columns.values()}
-            renamed.update({f: record[c] for f, c in columns.items() if c in record})
+            renamed = {k: v for k, v in record.items() if k not in fields.values() and k not in fields}
+            renamed.update({f: record[c] for f, c in fields.items() if c in record})
             record = renamed
         out.append((row, record))
     return out
@@ -187,6 +185,8 @@ def _turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) ->
         if not isinstance(m, dict):
             errors.append(f"row {row}: field `{where}` must be an object with {role_key} and {text_key}")
             return None
+        if sharegpt and key == "conversations" and "from" not in m and "role" in m:
+            m = {**m, "from": m["role"]}  # ShareGPT files written with role/content turns: the same conversation
         if role_key not in m and other in m:
             this, file = ("a chat message (role/content)", "ShareGPT") if sharegpt else ("a ShareGPT turn", "chat")
             errors.append(f"row {row}: field `{where}` is {this} in a {file} file: {MIXED}")
@@ -196,7 +196,7 @@ def _turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) ->
         if role is None:
             errors.append(f"row {row}: field `{where}.{role_key}` must be one of {', '.join(roles)}, got {speaker!r}")
             return None
-        calls = m.get("tool_calls")
+        calls = m.get("tool_calls") or None  # [] (as many exports write plain turns): no calls
         if calls is not None and not _tool_calls_ok(calls, role, f"{where}.tool_calls", errors, row):
             return None
         content = m.get(text_key, m.get("content"))

@@ -23,8 +23,8 @@ _REPLY = (
     "{{- message['content'] or '' -}}"
     "{%- for call in message.get('tool_calls') or [] -%}{%- set f = call.get('function', call) -%}"
     "{{- '\n' if not loop.first or message['content'] else '' -}}"
-    '{{- \'{"name": "\' + f["name"] + \'", "arguments": \' + (f["arguments"] if f["arguments"] is string '
-    "else (f['arguments'] | tojson)) + '}' -}}"
+    "{%- set args = f.get('arguments') or {} -%}"
+    '{{- \'{"name": "\' + f["name"] + \'", "arguments": \' + (args if args is string else (args | tojson)) + \'}\' -}}'
     "{%- endfor -%}"
 )
 

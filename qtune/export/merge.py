@@ -25,9 +25,9 @@ import torch
 
 from qtune import atomic
 from qtune.errors import AdapterError, ExportError
-from qtune.lora import checked_base
+from qtune.lora import adapter_tokenizer, checked_base
 from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, AdapterMeta
-from qtune.models import DTYPES, load_base, load_tokenizer
+from qtune.models import DTYPES, load_base
 
 MERGE_FILE = "qtune_merge.json"
 
@@ -161,9 +161,7 @@ def merged_model(adapter: str | Path | Source, *, dtype: str | None = None, into
         raise ExportError(
             f"{base_path} already has {source.dir} merged into it ({MERGE_FILE}): refusing to merge twice"
         )
-    tokenizer = load_tokenizer(base_path, model_cfg.trust_remote_code)
-    if source.meta.chat_template:
-        tokenizer.chat_template = source.meta.chat_template  # the template the adapter was trained with
+    tokenizer = adapter_tokenizer(base_path, source.meta, model_cfg.trust_remote_code)
 
     if into_quantized:
         if cfg.quant.method == "none":

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qtune.data.templates import TEMPLATES
 from qtune.meta import CAUSAL_LM, CLASSIFIER
 from qtune.models import EMBEDDED_ALIAS
 from qtune.models import HUB_IDS as BASE_IDS  # the hub repos of qtune's embedded bases
@@ -45,6 +46,8 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
     config = meta.get("config", {})
     cut(config.get("data"), "train")
     cut(config.get("data"), "eval")
+    if str((config.get("data") or {}).get("chat_template", "base")) not in ("base", *TEMPLATES):
+        cut(config.get("data"), "chat_template")  # a .jinja file's local path (its text is in chat_template)
     cut(config.get("output"), "dir")
     cut(config, "resume")
     for report in (meta.get("data") or {}).values():
