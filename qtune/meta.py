@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -89,9 +89,6 @@ class AdapterMeta:
     def name(self, folder: str | Path) -> str:
         """The adapter's name: the run's output.name (a hub download's folder is a commit hash), else the folder's."""
         return self.config.output.name or Path(folder).name
-
-    def with_config(self, config: RunConfig) -> AdapterMeta:
-        return replace(self, config=config)
 
     def to_json(self) -> dict[str, Any]:
         return self.raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,11 @@ CORPUS = [
     "what is two plus two the answer is four",
     "Is this movie review positive or negative?",
 ] * 5
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def make_tokenizer(template: str = CHATML, add_bos: bool = False):

@@ -4,7 +4,7 @@ import pytest
 
 from qtune.config import DataConfig
 from qtune.data import IGNORE, DataError, encode, load_examples
-from tests.conftest import BOS_TEMPLATE, CHATML, NO_EOS_TEMPLATE, make_tokenizer
+from tests.conftest import BOS_TEMPLATE, CHATML, NO_EOS_TEMPLATE, make_tokenizer, write_jsonl
 
 CHAT = {
     "messages": [
@@ -19,11 +19,6 @@ CHAT = {
 
 def trained_text(tok, ex):
     return tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_chat_trains_only_assistant_replies_each_with_eos(chatml_tokenizer):

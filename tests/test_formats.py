@@ -2,13 +2,12 @@
 assistant's (or the completion's) tokens plus one EOS; ShareGPT roles, column mapping, held-out splits,
 and the errors a user meets, each naming file, row and field."""
 
-import json
-
 import pytest
 
 from qtune.config import ConfigError, DataConfig, load_config
 from qtune.data import IGNORE, DataError, encode, hold_out, load_examples
 from qtune.data.formats import validate
+from tests.conftest import write_jsonl
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -26,11 +25,6 @@ SHAREGPT = {
         {"from": "gpt", "value": "24, I think"},
     ]
 }
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def trained_ids(ex):
