@@ -28,15 +28,14 @@ def main(cfg: RunConfig) -> Path:
     tokenizer = run.tokenizer
 
     # 2. Data: validated and tokenized up front, so a bad record fails the run before any training.
-    if not cfg.data.train:
-        raise data.DataError("data.train is not set: point it at a .jsonl/.csv/.parquet file")
-    train_examples, train_report = data.load_examples(cfg.data.train, tokenizer, cfg.data)
+    train_examples, train_report = data.load_train(cfg.data, tokenizer, cfg.train.seed)
     print(f"train data: {train_report.summary()}")
-    # Held-out data: data.eval, or a seeded data.eval_fraction of the training file.
+    # Held-out data: data.eval, or a seeded data.eval_fraction of the training data.
     read_eval = partial(data.load_examples, tokenizer=tokenizer, cfg=cfg.data)
     train_examples, eval_examples, eval_report = run.held_out(train_examples, read_eval)
+    train_examples = data.weighted(train_examples, cfg.data, cfg.train.seed)  # each source's data.train weight
     # train.fit_to_vram; resume an interrupted run (resume=auto) or refuse to start over it; before any model loads.
-    cfg = run.prepare(train_report, longest=max(len(e.input_ids) for e in train_examples))
+    cfg = run.prepare(train_report, longest=max(train_examples.lengths()))
 
     # 3. The base, quantized and frozen; then fresh LoRA adapters on top.
     model = models.load_base(run.base_path, cfg.model, cfg.quant, cfg.train)

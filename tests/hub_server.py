@@ -6,9 +6,14 @@ plain LFS batch/upload/verify protocol, the NDJSON commit), `repo_info`, `list_r
 nothing else. Xet storage is not implemented: tests turn the client's xet path off
 (`huggingface_hub.constants.HF_HUB_DISABLE_XET`), so uploads take the LFS route.
 
+Model and dataset repos are served alike, under the Hub's paths: `/api/models/alice/x`, `/alice/x/resolve/...`
+for a model, `/api/datasets/alice/x`, `/datasets/alice/x/resolve/...` for a dataset (enough for
+`datasets.load_dataset("alice/x")`: its info, a tree listing by folder, its files).
+
 Repos live in a folder (`root`): file contents under `objects/` (LFS files by sha256, regular files by
-git blob sha1) and the refs and commits in `repos.json`. Every request is recorded (method, path,
-query, headers, body) so a test can assert exactly what arrived.
+git blob sha1) and the refs and commits in `repos.json`, keyed `alice/x` for a model and `datasets/alice/x`
+for a dataset. Every request is recorded (method, path, query, headers, body) so a test can assert exactly
+what arrived.
 
     with HubServer(tmp_path / "hub", tokens={"hf_secret": "alice"}) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
@@ -34,6 +39,13 @@ GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.png filte
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def repo_key(repo_id: str, repo_type: str = "model") -> str:
+    """Where a repo is stored: `alice/x` for a model, `datasets/alice/x` for a dataset (its Hub URL path)."""
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"the test hub serves model and dataset repos, not {repo_type!r}")
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def lfs_pointer(oid: str, size: int) -> bytes:
@@ -103,22 +115,22 @@ class HubServer:
 
     # ---------------------------------------------------------------- what tests read
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """The files of `repo_id` at `revision`, as stored."""
         with self._lock:
-            repo = self._repos[repo_id]
+            repo = self._repos[repo_key(repo_id, repo_type)]
             commit = repo["commits"][repo["branches"].get(revision, revision)]
             return {path: self._read(entry) for path, entry in commit["files"].items()}
 
-    def repo(self, repo_id: str) -> dict[str, Any] | None:
+    def repo(self, repo_id: str, repo_type: str = "model") -> dict[str, Any] | None:
         """The stored record of a repo (private flag, branches, commits), or None."""
         with self._lock:
-            return json.loads(json.dumps(self._repos.get(repo_id)))
+            return json.loads(json.dumps(self._repos.get(repo_key(repo_id, repo_type))))
 
-    def create_branch(self, repo_id: str, branch: str, start: str = "main") -> None:
+    def create_branch(self, repo_id: str, branch: str, start: str = "main", repo_type: str = "model") -> None:
         """A branch at `start`'s commit, made directly (the HTTP branch API is not implemented)."""
         with self._lock:
-            repo = self._repos[repo_id]
+            repo = self._repos[repo_key(repo_id, repo_type)]
             repo["branches"][branch] = repo["branches"][start]
             self._save()
 
@@ -174,13 +186,18 @@ class HubServer:
                 return None, error(401, None, "Invalid credentials in Authorization header")
             return server.tokens[token], None
 
+        def key_of(request) -> str:
+            """The stored key of the repo named in the path (`/datasets/...` and `/api/datasets/...`: a dataset)."""
+            repo_id = f"{request.path_params['ns']}/{request.path_params['name']}".removesuffix(".git")
+            dataset = request.url.path.startswith(("/datasets/", "/api/datasets/"))
+            return repo_key(repo_id, "dataset" if dataset else "model")
+
         def find(request, write: bool = False) -> tuple[dict[str, Any] | None, JSONResponse | None]:
             """The repo named in the path, if this caller may see it (and write to it)."""
             user, bad = user_of(request)
             if bad:
                 return None, bad
-            repo_id = f"{request.path_params['ns']}/{request.path_params['name']}".removesuffix(".git")
-            repo = server._repos.get(repo_id)
+            repo = server._repos.get(key_of(request))
             hidden = repo is None or (repo["private"] and user != repo["owner"])
             if hidden:
                 return None, error(404, "RepoNotFound", "Repository not found")
@@ -192,6 +209,21 @@ class HubServer:
             if revision in repo["branches"]:
                 return repo["branches"][revision]
             return revision if revision in repo["commits"] else None
+
+        def tree_entry(path: str, entry: dict[str, Any]) -> dict[str, Any]:
+            """A file as the tree API describes it."""
+            item = {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
+            if entry["lfs"]:
+                pointer = lfs_pointer(entry["lfs"], entry["size"])
+                item["lfs"] = {"oid": entry["lfs"], "size": entry["size"], "pointerSize": len(pointer)}
+            return item
+
+        def folders_of(files: dict[str, Any]) -> set[str]:
+            """Every folder that holds a file, at any depth."""
+            return {path.rsplit("/", i)[0] for path in files for i in range(1, path.count("/") + 1)}
+
+        def folder_entry(path: str) -> dict[str, Any]:
+            return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
 
         async def record(request) -> None:
             body = await request.body()
@@ -213,23 +245,28 @@ class HubServer:
                 return bad or error(401, None, "Invalid credentials in Authorization header")
             payload = json.loads(await request.body())
             owner = payload.get("organization") or user
-            repo_id = f"{owner}/{payload['name']}"
+            repo_type = payload.get("type") or "model"
+            if repo_type not in ("model", "dataset"):
+                return error(400, None, f"the test hub does not serve {repo_type} repos")
+            key = repo_key(f"{owner}/{payload['name']}", repo_type)
             if owner != user:
-                return error(403, None, f"You don't have the rights to create a model under the namespace {owner}")
+                return error(
+                    403, None, f"You don't have the rights to create a {repo_type} under the namespace {owner}"
+                )
             with server._lock:
-                if repo_id in server._repos:
+                if key in server._repos:
                     return JSONResponse(
-                        {"error": "You already created this model repo", "url": f"{server.url}/{repo_id}"},
+                        {"error": f"You already created this {repo_type} repo", "url": f"{server.url}/{key}"},
                         status_code=409,
                     )
                 repo = {"owner": owner, "private": payload.get("visibility") == "private", "branches": {}}
                 repo["commits"] = {}
-                server._repos[repo_id] = repo
+                server._repos[key] = repo
                 server._store(git_blob_sha1(GITATTRIBUTES), GITATTRIBUTES)
                 files = {".gitattributes": {"oid": git_blob_sha1(GITATTRIBUTES), "size": len(GITATTRIBUTES)}}
                 files[".gitattributes"]["lfs"] = None
                 server._commit(repo, "main", files, "initial commit")
-            return JSONResponse({"url": f"{server.url}/{repo_id}", "name": repo_id})
+            return JSONResponse({"url": f"{server.url}/{key}", "name": f"{owner}/{payload['name']}"})
 
         async def repo_info(request):
             await record(request)
@@ -265,16 +302,22 @@ class HubServer:
                 repo, bad = find(request)
                 if bad:
                     return bad
-                sha = revision_of(repo, request.path_params["rev"])
-                if sha is None:
+                # `{rev}/{folder}`: the revision is the longest leading part that names one (a branch may hold '/')
+                parts = request.path_params["rev"].split("/")
+                cuts = [i for i in range(len(parts), 0, -1) if revision_of(repo, "/".join(parts[:i]))]
+                if not cuts:
                     return error(404, "RevisionNotFound", f"Invalid rev id: {request.path_params['rev']}")
-                entries = []
-                for path, entry in sorted(repo["commits"][sha]["files"].items()):
-                    item = {"type": "file", "path": path, "size": entry["size"], "oid": entry["oid"]}
-                    if entry["lfs"]:
-                        pointer = lfs_pointer(entry["lfs"], entry["size"])
-                        item["lfs"] = {"oid": entry["lfs"], "size": entry["size"], "pointerSize": len(pointer)}
-                    entries.append(item)
+                sha, folder = revision_of(repo, "/".join(parts[: cuts[0]])), "/".join(parts[cuts[0] :])
+                files = repo["commits"][sha]["files"]
+                prefix = folder + "/" if folder else ""
+                if folder and folder not in folders_of(files):
+                    return error(404, "EntryNotFound", f"{folder} does not exist on {request.path_params['rev']}")
+                recursive = request.query_params.get("recursive", "").lower() == "true"
+                entries = [
+                    tree_entry(path, files[path]) if path in files else folder_entry(path)
+                    for path in sorted(set(files) | folders_of(files))
+                    if path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
+                ]
             return JSONResponse(entries)
 
         async def validate_yaml(request):
@@ -386,9 +429,8 @@ class HubServer:
                     else:
                         return error(400, None, f"unsupported commit operation {key}")
                 sha = server._commit(repo, branch, files, message)
-            repo_id = f"{request.path_params['ns']}/{request.path_params['name']}"
             return JSONResponse(
-                {"success": True, "commitOid": sha, "commitUrl": f"{server.url}/{repo_id}/commit/{sha}"}
+                {"success": True, "commitOid": sha, "commitUrl": f"{server.url}/{key_of(request)}/commit/{sha}"}
             )
 
         async def resolve(request):
@@ -423,17 +465,21 @@ class HubServer:
             Route("/api/whoami-v2", whoami),
             Route("/api/repos/create", create_repo, methods=["POST"]),
             Route("/api/validate-yaml", validate_yaml, methods=["POST"]),
-            Route(f"/api/models{repo}", repo_info),
-            Route(f"/api/models{repo}/revision/{{rev:path}}", repo_info),
-            Route(f"/api/models{repo}/refs", refs),
-            Route(f"/api/models{repo}/tree/{{rev:path}}", tree),
-            Route(f"/api/models{repo}/preupload/{{rev:path}}", preupload, methods=["POST"]),
-            Route(f"/api/models{repo}/commit/{{rev:path}}", commit, methods=["POST"]),
-            Route(f"{repo}/info/lfs/objects/batch", lfs_batch, methods=["POST"]),
             Route(f"/_lfs{repo}/verify", lfs_verify, methods=["POST"]),
             Route(f"/_lfs{repo}/{{oid}}", lfs_put, methods=["PUT"]),
-            Route(f"{repo}/resolve/{{rev}}/{{path:path}}", resolve, methods=["GET", "HEAD"]),
         ]
+        # The same routes for both kinds of repo: a model's pages are /alice/x, a dataset's /datasets/alice/x.
+        for kinds, web in (("models", ""), ("datasets", "/datasets")):
+            routes += [
+                Route(f"/api/{kinds}{repo}", repo_info),
+                Route(f"/api/{kinds}{repo}/revision/{{rev:path}}", repo_info),
+                Route(f"/api/{kinds}{repo}/refs", refs),
+                Route(f"/api/{kinds}{repo}/tree/{{rev:path}}", tree),
+                Route(f"/api/{kinds}{repo}/preupload/{{rev:path}}", preupload, methods=["POST"]),
+                Route(f"/api/{kinds}{repo}/commit/{{rev:path}}", commit, methods=["POST"]),
+                Route(f"{web}{repo}/info/lfs/objects/batch", lfs_batch, methods=["POST"]),
+                Route(f"{web}{repo}/resolve/{{rev}}/{{path:path}}", resolve, methods=["GET", "HEAD"]),
+            ]
 
         async def not_found(request, exc):
             await record(request)

@@ -268,6 +268,18 @@ def test_chat_data_on_a_base_without_a_template_names_the_key(tmp_path):
         load(tmp_path, bare, [SHAREGPT])
 
 
+def test_alpaca_data_on_a_base_without_a_template_uses_the_named_alpaca_template(tmp_path, capsys):
+    """One prompt for Alpaca records everywhere: the named template, set on the tokenizer, so the adapter stores it."""
+    from qtune.data import TEMPLATES
+    from tests.conftest import make_tokenizer
+
+    bare = make_tokenizer(None)
+    (ex,), report = load(tmp_path, bare, [{"instruction": "add", "input": "1 2", "output": "three"}])
+    assert bare.chat_template == TEMPLATES["alpaca"] and "data.chat_template=alpaca" in capsys.readouterr().out
+    assert bare.decode(ex.prompt_ids) == "### Instruction:\nadd\n\n1 2\n\n### Response:\n"
+    assert trained_ids(ex) == replies(bare, "three")
+
+
 def test_the_template_trained_with_is_stored_and_used_by_generate_and_serve(tiny_model_dir, tmp_path):
     from qtune.data import TEMPLATES
     from qtune.lora import load_adapter, read_meta

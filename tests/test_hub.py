@@ -420,6 +420,64 @@ def test_load_by_id_errors(adapter, hub, capsys, monkeypatch, tmp_path):
     assert hub.requests == []
 
 
+CHATS = [
+    {"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}]} for i in range(3)
+]
+
+
+def test_hub_dataset_id_online_then_offline_from_the_datasets_cache(hub, chatml_tokenizer, monkeypatch, tmp_path):
+    import datasets
+    from huggingface_hub import HfApi
+
+    from qtune.config import DataConfig
+    from qtune.data import load_examples
+    from qtune.errors import DataError
+
+    # datasets, like huggingface_hub, reads the endpoint, its cache and the offline switch once, at import. It
+    # calls hf_hub_download without a cache_dir (the hub cache: a constant) and hf_hub_url without an endpoint
+    # (the URL template: a constant). Off: its download counter (a HEAD to S3) and the dataset viewer (a
+    # separate service, datasets-server.<host>).
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home" / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+    monkeypatch.setattr(datasets.config, "USE_PARQUET_EXPORT", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.chdir(tmp_path)  # no ./alice folder: `alice/chats` is a hub id
+
+    api = HfApi(endpoint=hub.url, token=SECRET)
+    api.create_repo("alice/chats", repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj="".join(json.dumps(r) + "\n" for r in CHATS).encode(),
+        path_in_repo="train.jsonl",
+        repo_id="alice/chats",
+        repo_type="dataset",
+    )
+    assert hub.repo("alice/chats") is None  # a dataset, not a model of the same name
+    assert set(hub.files("alice/chats", repo_type="dataset")) == {".gitattributes", "train.jsonl"}
+    hub.requests.clear()
+
+    examples, report = load_examples("alice/chats:train", chatml_tokenizer, DataConfig())
+    assert (report.format, report.records, len(examples)) == ("sharegpt", 3, 3)
+    texts = [chatml_tokenizer.decode(e.input_ids) for e in examples]
+    assert all(f"hi {i}" in t and f"hello {i}" in t for i, t in enumerate(texts)), texts
+    sha = hub.repo("alice/chats", repo_type="dataset")["branches"]["main"]
+    assert [r.path for r in hub.calls("GET", "/resolve/")] == [f"/datasets/alice/chats/resolve/{sha}/train.jsonl"]
+    assert not hub.calls(contains="/api/models/")
+    online = [(e.input_ids, e.labels) for e in examples]
+
+    hub.stop()  # offline: from the datasets cache alone, with no server at all
+    go_offline(monkeypatch)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    examples, report = load_examples("alice/chats:train", chatml_tokenizer, DataConfig())
+    assert (report.format, report.records) == ("sharegpt", 3)
+    assert [(e.input_ids, e.labels) for e in examples] == online
+    with pytest.raises(DataError, match="alice/other: no such file, and as a hub dataset .*HF_HUB_OFFLINE is set"):
+        load_examples("alice/other", chatml_tokenizer, DataConfig())
+
+
 def test_resolve_adapter_without_a_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -227,3 +227,19 @@ def test_nonfinite_loss_skip_policy_finishes_and_reports_every_skipped_step(pois
     weights = load_file(str(out / lora.ADAPTER_WEIGHTS))
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert all(loss == loss for _, loss in meta["training"]["loss_curve"])  # no NaN in the logged curve
+
+
+def test_resume_after_the_chat_template_file_was_edited_is_refused(run_args, tmp_path):
+    from qtune.data import TEMPLATES
+
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(TEMPLATES["chatml"])
+    first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
+    first += [f"data.chat_template={jinja}"]
+    sft.main(load_config(None, first))
+    again = [*first, "output.overwrite=true", "resume=auto"]
+    jinja.write_text(TEMPLATES["chatml"].replace("<|im_start|>", "<|im_start|> "))  # same path, new text
+    with pytest.raises(ConfigError, match=r"the chat template's text differs \(data.chat_template"):
+        sft.main(load_config(None, again))
+    jinja.write_text(TEMPLATES["chatml"])
+    assert read_meta(sft.main(load_config(None, again)))["training"]["resumed_from_step"] == 4

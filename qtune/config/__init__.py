@@ -14,6 +14,7 @@ from qtune.config.schema import (
     OutputConfig,
     QuantConfig,
     RunConfig,
+    SourceConfig,
     TrainConfig,
 )
 from qtune.errors import ConfigError
@@ -28,6 +29,7 @@ __all__ = [
     "OutputConfig",
     "QuantConfig",
     "RunConfig",
+    "SourceConfig",
     "TrainConfig",
     "from_dict",
     "load_config",

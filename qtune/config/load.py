@@ -87,6 +87,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"`{key}` must be a list; got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):  # an item of a list of sections (data.train sources)
+        shorthand = getattr(tp, "SHORTHAND", None)
+        if isinstance(value, str) and shorthand:
+            value = {shorthand: value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{key}` must be a mapping; got {value!r}")
+        try:
+            return _build(tp, value, key + ".")
+        except ConfigError as e:
+            raise ConfigError(f"`{key}`: {e}" if not str(e).startswith("`") else str(e)) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -55,20 +55,49 @@ class LoraConfig:
             raise ConfigError("lora.targets is empty: use 'all-linear' or name at least one module")
 
 
+FORMAT = Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+@dataclass
+class SourceConfig:
+    """One training source of a `data.train` list; format and columns default to data.format and data.columns."""
+
+    SHORTHAND = "path"  # a list item written as plain text is the path
+
+    path: str = _help(
+        "A .jsonl, .json, .csv, .parquet or .arrow file, a saved `datasets` folder, or a hub dataset id.", ""
+    )
+    format: FORMAT | None = _help("This source's record format (default: data.format).", None)
+    columns: dict[str, str] | None = _help("This source's column mapping (default: data.columns).", None)
+    weight: float = _help(
+        "Sampling weight: each training example of this source is seen `weight` times per epoch (2: twice; "
+        "0.5: a seeded half of them).",
+        1.0,
+    )
+    cap: int | None = _help("Take at most this many examples from this source (a seeded sample).", None)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("a data.train source has no path: write `- path: FILE` (or just `- FILE`)")
+        if not (self.weight > 0 and self.weight < float("inf")):
+            raise ConfigError(f"{self.path}: weight must be a positive number, got {self.weight}")
+        if self.cap is not None and self.cap <= 0:
+            raise ConfigError(f"{self.path}: cap must be a positive number of examples, got {self.cap}")
+
+
 @dataclass
 class DataConfig:
-    train: str = _help(
+    train: str | list[SourceConfig] = _help(
         "Training data: .jsonl, .json, .csv, .parquet, .arrow, a saved `datasets` folder, or a hub dataset id "
-        "(owner/name or owner/name:split, through the Hugging Face cache).",
+        "(owner/name or owner/name:split, through the Hugging Face cache); or a list of sources, each "
+        "{path, format, columns, weight, cap}.",
         "",
     )
     eval: str | None = _help("Held-out file in the same format (optional).", None)
     eval_fraction: float = _help(
         "Without data.eval: hold out this fraction of the training records (seeded by train.seed) for evaluation.", 0.0
     )
-    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = _help(
-        "Record format; 'auto' detects it from the fields of the first record.", "auto"
-    )
+    format: FORMAT = _help("Record format; 'auto' detects it from the fields of the first record.", "auto")
     columns: dict[str, str] = _help(
         "Where the file's columns hold the format's fields, e.g. {prompt: question, completion: answer} or "
         "{messages: dialogue}: field -> column.",
@@ -87,6 +116,9 @@ class DataConfig:
     loss_on: Literal["assistant", "all"] = _help(
         "Train on assistant/completion tokens only, or on every token.", "assistant"
     )
+    num_proc: int = _help(
+        "Processes that tokenize a large file (0: one per CPU core, up to 8, for 20,000 records or more).", 0
+    )
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
@@ -95,6 +127,22 @@ class DataConfig:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction and self.eval:
             raise ConfigError("data.eval and data.eval_fraction both set: give a held-out file or a fraction, not both")
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc must be >= 0 (0: automatic), got {self.num_proc}")
+        if isinstance(self.train, list) and not self.train:
+            raise ConfigError("data.train is an empty list: name at least one source")
+
+    def sources(self) -> list[SourceConfig]:
+        """The training sources, each with its format and columns resolved (a single path is one source)."""
+        listed = self.train if isinstance(self.train, list) else [SourceConfig(path=self.train)] if self.train else []
+        return [
+            dataclasses.replace(
+                s,
+                format=self.format if s.format is None else s.format,
+                columns=dict(self.columns) if s.columns is None else s.columns,
+            )
+            for s in listed
+        ]
 
 
 @dataclass

@@ -1,45 +1,41 @@
-"""Training data: read local files into records (read.py), recognise their format, map their columns and
-validate every record (formats.py), and tokenize it with its loss mask (encode.py). Errors name the file,
-the row and the field."""
+"""Training data: read sources into records (read.py), recognise their format, map their columns and validate
+every record (formats.py), tokenize it with its loss mask (encode.py) into Arrow files on disk (store.py), and
+combine a run's sources with caps, weights and a held-out split (sources.py). Errors name the file, the row and
+the field."""
 
 from qtune.config import DataConfig
-from qtune.data.encode import (
-    ALPACA_TEMPLATE,
-    IGNORE,
-    DataReport,
-    Example,
-    HeldOut,
-    chat_segments,
-    encode,
-    hold_out,
-    load_examples,
-    to_dataset,
-)
+from qtune.data.encode import IGNORE, DataReport, chat_segments, encode, load_examples, to_dataset
 from qtune.data.formats import FORMATS, SHAREGPT_ROLES, detect_format
-from qtune.data.read import fingerprint_data, raise_all, read_records
+from qtune.data.read import fingerprint_data, iter_records, raise_all, read_records
+from qtune.data.sources import HeldOut, describe, hold_out, load_train, weighted
+from qtune.data.store import Example, Examples
 from qtune.data.templates import TEMPLATES, apply_template, resolve_template
 from qtune.errors import DataError
 
 __all__ = [
-    "ALPACA_TEMPLATE",
     "FORMATS",
     "IGNORE",
     "DataConfig",
     "DataError",
     "DataReport",
     "Example",
+    "Examples",
     "HeldOut",
     "SHAREGPT_ROLES",
     "TEMPLATES",
     "apply_template",
     "chat_segments",
+    "describe",
     "detect_format",
     "encode",
     "fingerprint_data",
     "hold_out",
+    "iter_records",
     "load_examples",
+    "load_train",
     "raise_all",
     "read_records",
     "resolve_template",
     "to_dataset",
+    "weighted",
 ]

@@ -10,30 +10,22 @@ record is reported with its file, row and field; nothing is dropped without bein
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qtune.config import DataConfig
-from qtune.data.formats import check_columns, detect_format, rename_columns, validate
-from qtune.data.read import fingerprint_data, raise_all, read_records
+from qtune.config import DataConfig, SourceConfig
+from qtune.data.formats import check_columns, column_fields, detect_format, rename_record, validate
+from qtune.data.read import MAX_LISTED_ERRORS, Bad, fingerprint_data, iter_records, raise_all
+from qtune.data.store import Example, Examples, scratch
+from qtune.data.templates import apply_template
 from qtune.errors import DataError
 
 IGNORE = -100
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-
-
-@dataclass
-class Example:
-    """One tokenized training example and, where it has one, the prompt/answer pair for evaluation."""
-
-    input_ids: list[int]
-    labels: list[int]
-    row: int
-    prompt_ids: list[int] | None = None
-    answer: str | None = None
 
 
 @dataclass
@@ -50,6 +42,7 @@ class DataReport:
     tokens: int = 0
     trained_tokens: int = 0
     fingerprint: str = ""
+    sources: list[dict] = field(default_factory=list)  # several data.train sources: each one's report
 
     def summary(self) -> str:
         parts = [f"{self.file}: {self.records} records ({self.format})", f"{self.examples} examples"]
@@ -60,7 +53,14 @@ class DataReport:
             parts.append(f"{len(self.dropped_no_target)} dropped: nothing left to train after truncation")
         if self.duplicates:
             parts.append(f"{self.duplicates} exact duplicate records (kept)")
-        return ", ".join(parts)
+        lines = [", ".join(parts)]
+        for s in self.sources:
+            capped = f", cap {s['cap']}" if s["cap"] is not None else ""
+            lines.append(
+                f"  {s['file']}: {s['records']} records ({s['format']}), {s['examples']} examples, "
+                f"weight {s['weight']:g}{capped}"
+            )
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,13 +143,7 @@ def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | No
                         "renders them (chatml, llama-3, mistral, gemma, alpaca)"
                     )
         return segments, answer
-    if "alpaca" not in record:
-        raise DataError("chat messages need a base whose tokenizer has a chat template; this one has none")
-    # Alpaca records for a base without a chat template: the classic Alpaca prompt.
-    instruction, extra = record["alpaca"]
-    block = f"### Input:\n{extra}\n\n" if extra.strip() else ""
-    prompt = ALPACA_TEMPLATE.format(instruction=instruction, input_block=block)
-    return [(prompt, False), (answer, True), ("", True)], answer
+    raise DataError("chat messages need a base whose tokenizer has a chat template; this one has none")
 
 
 def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
@@ -180,74 +174,186 @@ def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
     return Example(input_ids=ids, labels=labels, row=0, prompt_ids=prompt_ids, answer=answer)
 
 
-def load_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataReport]:
-    """Read, validate and tokenize a data file per `cfg`; raise DataError listing every bad record."""
-    file = str(path)
-    records = rename_columns(read_records(path), check_columns(cfg.columns), file)
-    fmt = detect_format(records, file) if cfg.format == "auto" else cfg.format
-    if fmt in ("chat", "sharegpt") and not tokenizer.chat_template:
-        raise DataError(
-            f"{file}: {fmt} records need a chat template and this base's tokenizer has none: set data.chat_template "
-            "(chatml, llama-3, mistral, gemma, alpaca, or a .jinja file)"
-        )
-    report = DataReport(file=file, format=fmt, records=len(records), fingerprint=fingerprint_data(path))
-    errors: list[str] = []
-    normalised = []
-    seen: set[str] = set()
-    for row, record in records:
-        norm = validate(record, fmt, row, errors)
-        if norm is None:
-            continue
-        if cfg.system_prompt and "messages" in norm and norm["messages"][0]["role"] != "system":
-            norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
-            if "n_prompt" in norm:
-                norm["n_prompt"] += 1
-        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
-        report.duplicates += key in seen
-        seen.add(key)
-        normalised.append((row, norm))
-    raise_all(file, errors)
-
-    examples = []
-    # A bar only where it takes a while: ~3 s per 10k short chat records on two CPU cores.
-    for row, norm in tqdm(
-        normalised, desc=f"tokenizing {Path(file).name}", disable=len(normalised) < 20000, leave=False
-    ):
+def _encode_batch(batch: dict[str, list], tokenizer, loss_on: str, max_length: int, overlong: str) -> dict:
+    """datasets.map function: tokenize a batch of validated records (JSON text) with their loss masks."""
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "answer", "status", "error")}
+    for record in batch["record"]:
+        status, error = OK, None
         try:
-            ex = encode(tokenizer, norm, cfg.loss_on)
+            ex = encode(tokenizer, json.loads(record), loss_on)
         except DataError as e:
-            errors.append(f"row {row}: {e}")
-            continue
-        ex.row = row
-        if len(ex.input_ids) > cfg.max_length:
-            if cfg.overlong == "reject":
-                errors.append(
-                    f"row {row}: {len(ex.input_ids)} tokens is over data.max_length={cfg.max_length} "
+            ex, status, error = Example([], [], 0), FAILED, str(e)
+        if len(ex.input_ids) > max_length:
+            if overlong == "reject":
+                status = FAILED
+                error = (
+                    f"{len(ex.input_ids)} tokens is over data.max_length={max_length} "
                     "(raise data.max_length, or set data.overlong=truncate)"
                 )
+            else:
+                ex.input_ids, ex.labels = ex.input_ids[:max_length], ex.labels[:max_length]
+                status = TRUNCATED if any(lab != IGNORE for lab in ex.labels) else DROPPED
+        if status == FAILED:
+            ex = Example([], [], 0)
+        out["input_ids"].append(ex.input_ids)
+        out["labels"].append(ex.labels)
+        out["prompt_len"].append(len(ex.prompt_ids) if ex.prompt_ids and len(ex.prompt_ids) < len(ex.input_ids) else 0)
+        out["answer"].append(ex.answer)
+        out["status"].append(status)
+        out["error"].append(error)
+    return out
+
+
+OK, TRUNCATED, DROPPED, FAILED = 0, 1, 2, 3
+BIG = 20000  # records: from here a file is tokenized in several processes, with a progress bar
+
+
+class _Errors:
+    """Bad-record messages of one file: the first MAX_LISTED_ERRORS kept (memory stays flat), all counted."""
+
+    def __init__(self):
+        self.shown: list[str] = []
+        self.total = 0
+
+    def extend(self, messages: list[str]) -> None:
+        self.total += len(messages)
+        self.shown.extend(messages[: max(0, MAX_LISTED_ERRORS - len(self.shown))])
+
+    def raise_any(self, file: str) -> None:
+        raise_all(file, self.shown, self.total)
+
+
+def _validated(src: SourceConfig, cfg: DataConfig, report: DataReport, folder: Path, chat_ok: bool) -> Path:
+    """Stream a source's records through column mapping and validation into an Arrow file of (row, record JSON);
+    every bad record is reported (DataError) before any is tokenized."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    file = src.path
+    columns = check_columns(src.columns or {})
+    fields = None
+    errors = _Errors()
+    seen: set[bytes] = set()  # a 16-byte digest per record, for the duplicate count
+    path = folder / "records.arrow"
+    big = Path(file).is_file() and Path(file).stat().st_size > 50_000_000
+    features = datasets.Features({"row": datasets.Value("int64"), "record": datasets.Value("large_string")})
+    with ArrowWriter(path=str(path), features=features) as writer:
+        for row, record in tqdm(iter_records(file), desc=f"reading {Path(file).name}", disable=not big, leave=False):
+            if isinstance(record, Bad):
+                errors.extend([f"row {row}: {record.message}"])
                 continue
-            ex.input_ids, ex.labels = ex.input_ids[: cfg.max_length], ex.labels[: cfg.max_length]
-            report.truncated += 1
-            if all(lab == IGNORE for lab in ex.labels):
-                report.dropped_no_target.append(row)
+            record = rename_record(record, fields) if fields is not None else record
+            if fields is None:  # the first record: whether the mapped columns exist, and the format
+                fields = column_fields(columns, record, row, file)
+                record = rename_record(record, fields)
+                report.format = detect_format(row, record, file) if src.format == "auto" else src.format
+                if report.format in ("chat", "sharegpt") and not chat_ok:
+                    raise DataError(
+                        f"{file}: {report.format} records need a chat template and this base's tokenizer has none: "
+                        "set data.chat_template (chatml, llama-3, mistral, gemma, alpaca, or a .jinja file)"
+                    )
+            report.records += 1
+            bad: list[str] = []
+            norm = validate(record, report.format, row, bad)
+            if norm is None:
+                errors.extend(bad)
                 continue
-        report.tokens += len(ex.input_ids)
-        report.trained_tokens += sum(lab != IGNORE for lab in ex.labels)
-        examples.append(ex)
-    raise_all(file, errors)
+            if cfg.system_prompt and "messages" in norm and norm["messages"][0]["role"] != "system":
+                norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
+                if "n_prompt" in norm:
+                    norm["n_prompt"] += 1
+            key = hashlib.blake2b(json.dumps(record, sort_keys=True, ensure_ascii=False).encode(), digest_size=16)
+            report.duplicates += key.digest() in seen
+            seen.add(key.digest())
+            writer.write({"row": row, "record": json.dumps(norm, ensure_ascii=False)})
+        writer.finalize()
+    errors.raise_any(file)
+    if not report.records:
+        raise DataError(f"{file}: holds no records")
+    return path
+
+
+def _alpaca_template(tokenizer) -> None:
+    """A base without a chat template renders Alpaca records with the named `alpaca` template; set on the tokenizer,
+    it is stored with the adapter, so generate, eval, serve and export prompt as training did."""
+    apply_template(tokenizer, "alpaca")
+    print("note: this base has no chat template; Alpaca records use data.chat_template=alpaca")
+
+
+def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig, index: int = 0):
+    """Read, validate and tokenize one data source per `cfg` (a path, or a `SourceConfig` of data.train) into
+    `Examples` on disk and a `DataReport`; raise DataError listing every bad record.
+
+    Memory stays flat in the file's size: records stream through validation into Arrow, and `datasets`' map
+    tokenizes them (in data.num_proc processes for a large file) into memory-mapped Arrow files.
+    """
+    import datasets
+
+    src = source if isinstance(source, SourceConfig) else SourceConfig(str(source), cfg.format, dict(cfg.columns))
+    file = src.path
+    report = DataReport(file=file, format=src.format or "auto")
+    folder = scratch(file)
+    records = datasets.Dataset.from_file(str(_validated(src, cfg, report, folder, bool(tokenizer.chat_template))))
+    if report.format == "alpaca" and not tokenizer.chat_template:
+        _alpaca_template(tokenizer)
+    report.fingerprint = fingerprint_data(file)
+    big = len(records) >= BIG
+    procs = cfg.num_proc or (min(8, os.cpu_count() or 1) if big else 1)
+    quiet = not big and datasets.is_progress_bar_enabled()  # a bar only where it takes a while
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        encoded = records.map(
+            _encode_batch,
+            batched=True,
+            batch_size=500,
+            num_proc=procs if procs > 1 else None,
+            remove_columns=["record"],
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "loss_on": cfg.loss_on,
+                "max_length": cfg.max_length,
+                "overlong": cfg.overlong,
+            },
+            cache_file_name=str(folder / "tokens.arrow"),
+            new_fingerprint=folder.name,
+            desc=f"tokenizing {Path(file).name}",
+        )
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    status = encoded.with_format("numpy", columns=["status"])[:]["status"]
+    failed = (status == FAILED).nonzero()[0]
+    errors = _Errors()
+    if len(failed):
+        bad = encoded.select(failed[:MAX_LISTED_ERRORS]).select_columns(["row", "error"]).to_list()
+        errors.extend([f"row {b['row']}: {b['error']}" for b in bad])
+        errors.total = len(failed)
+    errors.raise_any(file)
+    dropped = (status == DROPPED).nonzero()[0]
+    report.truncated = int((status != OK).sum())
+    report.dropped_no_target = [int(r) for r in encoded.select(dropped)["row"]] if len(dropped) else []
+    kept = encoded.remove_columns(["status", "error"]).add_column("source", [index] * len(encoded))
+    if len(dropped):
+        kept = kept.select((status != DROPPED).nonzero()[0])
+    examples = Examples(kept, folder)
     report.examples = len(examples)
-    if not examples:
+    if not len(examples):
         raise DataError(f"{file}: no usable examples left (all {report.records} records were dropped: see above)")
+    report.tokens, report.trained_tokens = examples.token_counts()
     return examples, report
 
 
 def to_dataset(examples, labels: list | None = None):
     """A `datasets.Dataset` of input_ids, labels and source row, the shape trl's SFTTrainer accepts as tokenized.
 
-    `labels` replaces the per-token labels of `Example`s (a classifier's one label per example).
+    `Examples` give their own (on disk); a list of examples is copied. `labels` replaces the per-token labels
+    (a classifier's one label per example).
     """
     import datasets
 
+    if isinstance(examples, Examples) and labels is None:
+        return examples.dataset()
     return datasets.Dataset.from_dict(
         {
             "input_ids": [e.input_ids for e in examples],
@@ -255,35 +361,3 @@ def to_dataset(examples, labels: list | None = None):
             "row": [e.row for e in examples],
         }
     )
-
-
-@dataclass
-class HeldOut:
-    """The evaluation split taken from the training file (data.eval_fraction); written into the run report."""
-
-    file: str
-    fraction: float
-    seed: int
-    examples: int
-
-    def summary(self) -> str:
-        return (
-            f"{self.examples} examples held out of {self.file} (data.eval_fraction={self.fraction}, seed {self.seed})"
-        )
-
-
-def hold_out(examples: list, fraction: float, seed: int, file: str) -> tuple[list, list, HeldOut]:
-    """Split a seeded `fraction` of the examples off for evaluation: (train, held out, report).
-
-    At least one example is held out and at least one kept; the split depends on the seed and the
-    examples' order only, so a resumed run holds out the same ones.
-    """
-    import random
-
-    if len(examples) < 2:
-        raise DataError(f"{file}: data.eval_fraction needs at least 2 examples to split, it has {len(examples)}")
-    count = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
-    held = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [e for i, e in enumerate(examples) if i not in held]
-    evaluation = [e for i, e in enumerate(examples) if i in held]
-    return train, evaluation, HeldOut(file, fraction, seed, len(evaluation))

@@ -57,7 +57,7 @@ COLUMN_FIELDS = (
     "completion",
     "text",
 )
-_ALIASES = {"response": "completion"}  # the answer: completion, or output next to an instruction (rename_columns)
+_ALIASES = {"response": "completion"}  # the answer: completion, or output next to an instruction (column_fields)
 
 
 def check_columns(columns: dict[str, str]) -> dict[str, str]:
@@ -71,30 +71,31 @@ def check_columns(columns: dict[str, str]) -> dict[str, str]:
     return dict(columns)
 
 
-def rename_columns(records: list[tuple[int, Any]], columns: dict[str, str], file: str) -> list[tuple[int, Any]]:
-    """Records with the file's columns renamed to the format's fields (data.columns, as from `check_columns`).
+def column_fields(columns: dict[str, str], first: Any, row: int, file: str) -> dict[str, str]:
+    """data.columns (as from `check_columns`) as field -> column for a file whose first record is `first`.
 
     `response` is the answer: `output` beside an instruction (Alpaca), else `completion`. A mapped column the
     first record lacks is an error naming it and the columns the file has; a later record without it is
     reported by validation as a missing field (its own field of that name, if any, is never used instead).
     """
     if not columns:
-        return records
-    first_row, first = next(((r, x) for r, x in records if isinstance(x, dict)), (None, None))
-    alpaca = "instruction" in columns or (first is not None and "instruction" in first)
+        return {}
+    record = first if isinstance(first, dict) else {}
+    alpaca = "instruction" in columns or "instruction" in record
     fields = {("output" if alpaca else "completion") if f == "response" else f: c for f, c in columns.items()}
-    if first is not None:
-        missing = [f"data.columns.{f}={c}" for f, c in columns.items() if c not in first]
-        if missing:
-            raise DataError(f"{file}: row {first_row}: no column {', '.join(missing)}; its columns are {sorted(first)}")
-    out = []
-    for row, record in records:
-        if isinstance(record, dict):
-            renamed = {k: v for k, v in record.items() if k not in fields.values() and k not in fields}
-            renamed.update({f: record[c] for f, c in fields.items() if c in record})
-            record = renamed
-        out.append((row, record))
-    return out
+    missing = [f"data.columns.{f}={c}" for f, c in columns.items() if c not in record]
+    if isinstance(first, dict) and missing:
+        raise DataError(f"{file}: row {row}: no column {', '.join(missing)}; its columns are {sorted(record)}")
+    return fields
+
+
+def rename_record(record: Any, fields: dict[str, str]) -> Any:
+    """A record with the file's columns renamed to the format's fields (`column_fields`)."""
+    if not fields or not isinstance(record, dict):
+        return record
+    renamed = {k: v for k, v in record.items() if k not in fields.values() and k not in fields}
+    renamed.update({f: record[c] for f, c in fields.items() if c in record})
+    return renamed
 
 
 def _sharegpt_key(record: dict) -> str:
@@ -116,9 +117,8 @@ def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | N
     return None if turns is None else messages + turns
 
 
-def detect_format(records: list[tuple[int, Any]], file: str) -> str:
-    """The format of a file, from the fields of its first record."""
-    row, first = records[0]
+def detect_format(row: int, first: Any, file: str) -> str:
+    """The format of a file, from the fields of its first record (at `row`)."""
     if not isinstance(first, dict):
         raise DataError(f"{file}: row {row}: a record must be an object with named fields, got {type(first).__name__}")
     turns = first.get("messages")
@@ -243,7 +243,7 @@ def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
             return None
         user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return {"alpaca": (instruction, extra or ""), "messages": messages}
+        return {"messages": messages}
     if fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):

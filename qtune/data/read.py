@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,27 @@ from qtune.errors import DataError
 MAX_LISTED_ERRORS = 20
 
 
-def raise_all(file: str, errors: list[str]) -> None:
-    if not errors:
+def raise_all(file: str, errors: list[str], total: int | None = None) -> None:
+    """Raise one DataError listing the first MAX_LISTED_ERRORS of `errors` (of `total` bad records, if more)."""
+    total = len(errors) if total is None else total
+    if not total:
         return
     shown = "\n".join(f"  {e}" for e in errors[:MAX_LISTED_ERRORS])
-    more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-    raise DataError(f"{file}: {len(errors)} bad record(s):\n{shown}{more}")
+    more = f"\n  ... and {total - MAX_LISTED_ERRORS} more" if total > MAX_LISTED_ERRORS else ""
+    raise DataError(f"{file}: {total} bad record(s):\n{shown}{more}")
 
 
-def _decode(raw: bytes, file: str, where: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: {where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+@dataclass
+class Bad:
+    """A row that could not be read (not UTF-8, not JSON, a CSV row with too many fields): its message."""
+
+    message: str
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    records, errors = [], []
+Rows = Iterator[tuple[int, Any]]  # (row number from 1, record or Bad)
+
+
+def _iter_jsonl(path: Path) -> Rows:
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -43,93 +47,118 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                errors.append(f"row {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                yield line_no, Bad(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
             try:
-                records.append((line_no, json.loads(text)))
+                yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
-                errors.append(f"row {line_no}: not valid JSON ({e.msg} at column {e.colno})")
-    raise_all(str(path), errors)
-    return records
+                yield line_no, Bad(f"not valid JSON ({e.msg} at column {e.colno})")
 
 
-def _read_json(path: Path) -> list[tuple[int, Any]]:
-    text = _decode(path.read_bytes(), str(path), "file")
+def _iter_json(path: Path) -> Rows:
+    raw = path.read_bytes()  # one JSON document is parsed whole: for a large data set, write JSONL
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: file: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
-    return list(enumerate(data, start=1))
+    yield from enumerate(data, start=1)
 
 
-def _read_csv(path: Path) -> list[tuple[int, Any]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv_lines(path: Path) -> Iterator[str]:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
+def _iter_csv(path: Path) -> Rows:
     # Rows are numbered as data rows (the header is not a row), matching what a spreadsheet shows minus one.
-    rows = list(enumerate(reader, start=1))
-    errors = [
-        f"row {i}: {len(row[None])} more field(s) than the header has columns (an unquoted comma?)"
-        for i, row in rows
-        if None in row
-    ]
-    raise_all(str(path), errors)
-    return rows
+    for i, row in enumerate(csv.DictReader(_csv_lines(path)), start=1):
+        if None in row:
+            yield i, Bad(f"{len(row[None])} more field(s) than the header has columns (an unquoted comma?)")
+        else:
+            yield i, row
 
 
-def _read_table(rows: Iterable[dict]) -> list[tuple[int, Any]]:
-    return list(enumerate(rows, start=1))
+def _iter_table(batches: Iterable[dict[str, list]]) -> Rows:
+    row = 0
+    for batch in batches:
+        for values in zip(*batch.values()):
+            row += 1
+            yield row, dict(zip(batch, values))
 
 
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """Read a data file, a saved `datasets` folder, or a hub dataset id into (row number, record) pairs, rows
-    counted from 1."""
+def _iter_parquet(path: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1000)
+        yield from _iter_table(b.to_pydict() for b in batches)
+    except OSError as e:  # pyarrow's ArrowInvalid is an OSError too
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _open_saved(path: Path):
+    """A saved `datasets` split: one .arrow file, or a save_to_disk folder."""
+    import datasets
+
+    if path.suffix == ".arrow":
+        try:
+            return datasets.Dataset.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a readable datasets Arrow file ({e})") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: holds several splits ({', '.join(ds)}); point at one, e.g. {path}/train")
+    return ds
+
+
+READERS = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".parquet": _iter_parquet}
+
+
+def iter_records(path: str | Path) -> Rows:
+    """Stream a data file, a saved `datasets` split or a hub dataset id as (row number, record) pairs, rows counted
+    from 1; a row that cannot be read comes as (row, Bad(why)), so every bad row of a file can be listed at once.
+
+    Nothing is held whole but a .json document: memory does not grow with a JSONL, CSV or Parquet file's size.
+    """
     if is_hub_dataset(path):
-        return _read_table(_hub_dataset(str(path)).to_list())
+        yield from _iter_table(_hub_dataset(str(path)).iter(batch_size=1000))
+        return
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    if path.suffix == ".arrow":  # one Arrow file of a saved `datasets` split
-        import datasets
-
-        try:
-            records = _read_table(datasets.Dataset.from_file(str(path)).to_list())
-        except Exception as e:
-            raise DataError(f"{path}: not a readable datasets Arrow file ({e})") from None
-    elif path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{path}: holds several splits ({', '.join(ds)}); point at one, e.g. {path}/train")
-        records = _read_table(ds.to_list())
-    elif path.suffix == ".jsonl":
-        records = _read_jsonl(path)
-    elif path.suffix == ".json":
-        records = _read_json(path)
-    elif path.suffix == ".csv":
-        records = _read_csv(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            records = _read_table(pq.read_table(path).to_pylist())
-        except Exception as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    if path.suffix == ".arrow" or path.is_dir():
+        yield from _iter_table(_open_saved(path).iter(batch_size=1000))
+    elif path.suffix in READERS:
+        yield from READERS[path.suffix](path)
     else:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv, .parquet, .arrow, a saved "
             "datasets folder, or a hub dataset id (owner/name, owner/name:split)"
         )
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """All records of a data source (as `iter_records`), every unreadable row reported at once."""
+    records, errors = [], []
+    for row, record in iter_records(path):
+        if isinstance(record, Bad):
+            errors.append(f"row {row}: {record.message}")
+        else:
+            records.append((row, record))
+    raise_all(str(path), errors)
     if not records:
         raise DataError(f"{path}: holds no records")
     return records
@@ -176,5 +205,7 @@ def fingerprint_data(path: str | Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        digest.update(file.read_bytes())
+        with file.open("rb") as f:  # in 1 MiB pieces: a large file is never held whole
+            while piece := f.read(1 << 20):
+                digest.update(piece)
     return "sha256:" + digest.hexdigest()

@@ -12,6 +12,7 @@ After the adapter is written the folder is removed (keep it with output.keep_che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -85,10 +86,17 @@ def complete(folder: Path) -> list[Path]:
     return sorted((p for p in found if is_complete(p)), key=step_of)
 
 
-def identity(cfg: RunConfig, base_fingerprint: str, data_fingerprint: str) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed by this run: config, base, data, process count."""
+def identity(cfg: RunConfig, base_fingerprint: str, data_fingerprint: str, template: str | None = None) -> dict:
+    """What a checkpoint must agree with to be resumed by this run: config, base, data, the chat template's text
+    (a .jinja file named by data.chat_template may be edited in place), process count."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # the global batch and data sharding depend on it
-    return {"config": _flat(to_dict(cfg)), "base": base_fingerprint, "data": data_fingerprint, "processes": processes}
+    return {
+        "config": _flat(to_dict(cfg)),
+        "base": base_fingerprint,
+        "data": data_fingerprint,
+        "template": hashlib.sha256((template or "").encode()).hexdigest(),
+        "processes": processes,
+    }
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,6 +115,8 @@ def _differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
         diffs.append("the base model's weights differ (fingerprint)")
     if recorded.get("data") != now["data"]:
         diffs.append("the training data file differs (fingerprint)")
+    if recorded.get("template", now["template"]) != now["template"]:  # (a checkpoint of an older qtune: not recorded)
+        diffs.append("the chat template's text differs (data.chat_template: was its .jinja file edited?)")
     if recorded.get("processes", 1) != now["processes"]:
         diffs.append(f"{recorded.get('processes', 1)} training processes then, {now['processes']} now")
     # A key the recorded run did not have (an older qtune) held its default then, or what that qtune did.

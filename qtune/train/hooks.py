@@ -17,6 +17,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from qtune.data.store import lengths
+
 # What _TrainedPositionsLoss reads of trl's SFTTrainer, and the versions it was written and tested against.
 TRL_INTERNALS = ("_metrics", "_total_train_tokens", "_tp_size", "aux_loss_enabled", "get_tp_size", "compute_loss_func")
 WRITTEN_AGAINST = {"trl": "1.16", "transformers": "5.24"}
@@ -155,7 +157,7 @@ class _GuardedSteps:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededLengthSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            lengths=[len(ids) for ids in dataset["input_ids"]],
+            lengths=lengths(dataset),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
@@ -196,8 +198,9 @@ class NonFiniteGuard(TrainerCallback):
         self.events: list[dict] = []
         self.stopped: dict | None = None
         self._rows_of: dict[bytes, list[int]] = {}  # a 16-byte digest per example, not its token tuple
-        for ids, row in zip(train_dataset["input_ids"], train_dataset["row"]):
-            self._rows_of.setdefault(_digest(ids), []).append(row)
+        for batch in train_dataset.iter(batch_size=1000):  # in batches: a large data set stays on disk
+            for ids, row in zip(batch["input_ids"], batch["row"]):
+                self._rows_of.setdefault(_digest(ids), []).append(row)
         self._batches: list[dict] = []
         self._bad_loss = False
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from qtune import lora, models
 from qtune.config import RunConfig
-from qtune.data import apply_template, hold_out
+from qtune.data import apply_template, describe, hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
 from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
@@ -58,7 +58,8 @@ class Run:
             self.cfg, note = fit_to_vram(self.cfg, self.base_path, longest)
             print(note)
         self.fingerprint = models.fingerprint_base(self.base_path)
-        self.identity = checkpoint.identity(self.cfg, self.fingerprint, train_report.fingerprint)
+        template = self.tokenizer.chat_template
+        self.identity = checkpoint.identity(self.cfg, self.fingerprint, train_report.fingerprint, template)
         self.resume_from = checkpoint.prepare(self.cfg, self.identity)
         return self.cfg
 
@@ -84,7 +85,7 @@ class Run:
             evaluation, report = read_eval(data.eval)[:2]
         elif data.eval_fraction:  # one file: a seeded fraction of it held out
             train_examples, evaluation, report = hold_out(
-                train_examples, data.eval_fraction, self.cfg.train.seed, data.train
+                train_examples, data.eval_fraction, self.cfg.train.seed, describe(data)
             )
         else:
             return train_examples, [], None
