@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qtune.config import DataConfig
+from qtune.config import ConfigError, DataConfig
 from qtune.data import DataError, fingerprint_data, raise_all, read_records
 
 
@@ -103,6 +103,8 @@ def load_labelled(path: str | Path, tokenizer, cfg: DataConfig, label2id: dict[s
 
     Returns (examples, report, id2label). With `label2id` (evaluation), a label outside the map is an error.
     """
+    if isinstance(path, list):
+        raise ConfigError("data.train: a list of sources is for SFT (recipe: sft); classification reads one file")
     file = str(path)
     rows = read_labelled(path, cfg)
     if label2id is None:

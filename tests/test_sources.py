@@ -4,6 +4,7 @@ streams: a large file is tokenized into Arrow files on disk, in several processe
 import csv
 import json
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -158,17 +159,72 @@ def test_csv_cells_stay_the_text_they_are(smollm2_tokenizer, tmp_path):
     assert [e.answer for e in examples] == ["02139", "NA"]
 
 
-def test_token_files_live_while_the_process_does_and_a_killed_runs_are_cleaned(chatml_tokenizer, tmp_path):
-    import os
-    import socket
+def test_token_files_live_while_the_process_does_and_a_killed_runs_are_cleaned(tmp_path):
     import subprocess
     import sys
 
     from qtune.data.store import scratch
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    root = scratch("x.jsonl").parent
-    left = root / f"{socket.gethostname()}-{dead.stdout.strip()}-x.jsonl-abc"  # a run killed before its exit hook
-    left.mkdir()
-    mine = scratch("y.jsonl")
-    assert not left.exists() and mine.is_dir() and mine.name.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    killed = "import os; from qtune.data.store import scratch; print(scratch('x.jsonl')); os._exit(9)"  # no exit hooks
+    left = Path(subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True).stdout.strip())
+    assert (left / ".lock").is_file()
+    live = (
+        "import sys, time; from qtune.data.store import scratch; print(scratch('y.jsonl'), flush=True); time.sleep(60)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", live], stdout=subprocess.PIPE, text=True)
+    try:
+        alive = Path(other.stdout.readline().strip())
+        mine = scratch("z.jsonl")
+        assert not left.exists() and alive.is_dir() and mine.is_dir()  # another live run's folder is kept
+    finally:
+        other.kill()
+
+
+def test_a_bad_record_after_the_first_batch_is_listed_not_a_crash(chatml_tokenizer, tmp_path):
+    rows = [{"text": "short one"} for _ in range(600)]
+    rows[549] = {"text": "far too long " * 40}
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"t.jsonl: 1 bad record\(s\):\n  row 550: \d+ tokens is over data.max_length=64"
+    ):
+        load_examples(path, chatml_tokenizer, DataConfig(max_length=64, overlong="reject"))
+
+
+def test_what_a_resumed_run_is_compared_against(smollm2_tokenizer, tmp_path):
+    from qtune.data import fingerprint_data
+
+    qa = qa_csv(tmp_path / "qa.csv", 3)
+    as_string = load_train(
+        DataConfig(train=qa, columns={"prompt": "question", "response": "answer"}), smollm2_tokenizer, 0
+    )
+    assert as_string[1].fingerprint == fingerprint_data(qa)  # one file: its bytes, as before lists existed
+    prints = {
+        load_train(DataConfig(train=[SourceConfig(qa, columns=c)]), smollm2_tokenizer, 0)[1].fingerprint
+        for c in ({"prompt": "question", "response": "answer"}, {"prompt": "answer", "response": "question"})
+    }
+    assert len(prints) == 2  # a listed source's columns (and format, weight, cap) are part of it
+
+
+def test_more_sources_and_shapes(smollm2_tokenizer, tmp_path):
+    from qtune import classify
+    from qtune.hub import public_meta
+
+    cr = tmp_path / "mac.csv"  # classic Mac line endings
+    cr.write_bytes(b"prompt,completion\rTwo plus two?, four\rThree?, three\r")
+    examples, report = load_examples(cr, smollm2_tokenizer, DataConfig())
+    assert report.format == "prompt_completion" and [e.answer for e in examples] == [" four", " three"]
+    garbage = tmp_path / "x.parquet"
+    garbage.write_text("not parquet")
+    with pytest.raises(DataError, match=r"x.parquet: not a readable Parquet file"):
+        load_examples(garbage, smollm2_tokenizer, DataConfig())
+    with pytest.raises(ConfigError, match="a list of sources is for SFT"):
+        classify.load_labelled([SourceConfig("a.csv")], smollm2_tokenizer, DataConfig())
+    meta = {
+        "config": {"data": {"train": [{"path": "/home/me/a.jsonl"}, {"path": "owner/ds:train"}]}},
+        "data": {"train": {"file": "/home/me/a.jsonl + owner/ds:train", "sources": [{"file": "/home/me/a.jsonl"}]}},
+    }
+    public = public_meta(meta)
+    assert public["config"]["data"]["train"] == [{"path": "a.jsonl"}, {"path": "owner/ds:train"}]
+    assert public["data"]["train"]["file"] == "a.jsonl + owner/ds:train" and public["data"]["train"]["sources"][0] == {
+        "file": "a.jsonl"
+    }

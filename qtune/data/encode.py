@@ -37,7 +37,7 @@ class DataReport:
     records: int = 0
     examples: int = 0
     truncated: int = 0
-    dropped_no_target: list[int] = field(default_factory=list)
+    dropped_no_target: list = field(default_factory=list)  # rows (several sources: "file:row")
     duplicates: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -56,9 +56,10 @@ class DataReport:
         lines = [", ".join(parts)]
         for s in self.sources:
             capped = f", cap {s['cap']}" if s["cap"] is not None else ""
+            dropped = f", {len(s['dropped_no_target'])} dropped" if s["dropped_no_target"] else ""
             lines.append(
                 f"  {s['file']}: {s['records']} records ({s['format']}), {s['examples']} examples, "
-                f"weight {s['weight']:g}{capped}"
+                f"weight {s['weight']:g}{capped}{dropped}"
             )
         return "\n".join(lines)
 
@@ -205,6 +206,24 @@ def _encode_batch(batch: dict[str, list], tokenizer, loss_on: str, max_length: i
 
 
 OK, TRUNCATED, DROPPED, FAILED = 0, 1, 2, 3
+
+
+def _tokenized_features():
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "row": Value("int64"),
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int32")),
+            "prompt_len": Value("int32"),
+            "answer": Value("string"),
+            "status": Value("int8"),
+            "error": Value("string"),
+        }
+    )
+
+
 BIG = 20000  # records: from here a file is tokenized in several processes, with a progress bar
 
 
@@ -298,7 +317,7 @@ def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig,
         _alpaca_template(tokenizer)
     report.fingerprint = fingerprint_data(file)
     big = len(records) >= BIG
-    procs = cfg.num_proc or (min(8, os.cpu_count() or 1) if big else 1)
+    procs = cfg.num_proc or (min(8, len(os.sched_getaffinity(0))) if big else 1)
     quiet = not big and datasets.is_progress_bar_enabled()  # a bar only where it takes a while
     if quiet:
         datasets.disable_progress_bars()
@@ -315,6 +334,7 @@ def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig,
                 "max_length": cfg.max_length,
                 "overlong": cfg.overlong,
             },
+            features=_tokenized_features(),  # typed up front: a first batch without errors must not fix `error` as null
             cache_file_name=str(folder / "tokens.arrow"),
             new_fingerprint=folder.name,
             desc=f"tokenizing {Path(file).name}",

@@ -70,22 +70,30 @@ def _iter_json(path: Path) -> Rows:
     yield from enumerate(data, start=1)
 
 
-def _csv_lines(path: Path) -> Iterator[str]:
+def _iter_csv(path: Path) -> Rows:
+    # Rows are numbered as data rows (the header is not a row), matching what a spreadsheet shows minus one.
+    with path.open(encoding="utf-8-sig", newline="") as f:  # newline="": the csv module reads \n, \r\n and \r
+        try:
+            for i, row in enumerate(csv.DictReader(f), start=1):
+                if None in row:
+                    yield i, Bad(f"{len(row[None])} more field(s) than the header has columns (an unquoted comma?)")
+                else:
+                    yield i, row
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: {_first_undecodable(path)}") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: not readable as CSV ({e})") from None
+
+
+def _first_undecodable(path: Path) -> str:
+    """Where a file stops being UTF-8: `line N` and the byte (read again, line by line, on the error path only)."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-
-
-def _iter_csv(path: Path) -> Rows:
-    # Rows are numbered as data rows (the header is not a row), matching what a spreadsheet shows minus one.
-    for i, row in enumerate(csv.DictReader(_csv_lines(path)), start=1):
-        if None in row:
-            yield i, Bad(f"{len(row[None])} more field(s) than the header has columns (an unquoted comma?)")
-        else:
-            yield i, row
+                return f"line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x})"
+    return "not UTF-8 text"
 
 
 def _iter_table(batches: Iterable[dict[str, list]]) -> Rows:
@@ -102,7 +110,7 @@ def _iter_parquet(path: Path) -> Rows:
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1000)
         yield from _iter_table(b.to_pydict() for b in batches)
-    except OSError as e:  # pyarrow's ArrowInvalid is an OSError too
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
 
 

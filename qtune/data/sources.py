@@ -41,8 +41,8 @@ def load_train(cfg: DataConfig, tokenizer, seed: int) -> tuple[Examples, DataRep
             report.tokens, report.trained_tokens = examples.token_counts()
         parts.append(examples)
         reports.append(report)
-    if len(sources) == 1 and sources[0].weight == 1 and sources[0].cap is None:
-        return parts[0], reports[0]
+    if not isinstance(cfg.train, list):  # one file: its own fingerprint (data.format and data.columns are compared
+        return parts[0], reports[0]  # as config keys on resume)
     total = DataReport(
         file=describe(cfg),
         format="+".join(dict.fromkeys(r.format for r in reports)),
@@ -56,6 +56,7 @@ def load_train(cfg: DataConfig, tokenizer, seed: int) -> tuple[Examples, DataRep
     )
     for field in ("records", "examples", "truncated", "duplicates", "tokens", "trained_tokens"):
         setattr(total, field, sum(getattr(r, field) for r in reports))
+    total.dropped_no_target = [f"{r.file}:{row}" for r in reports for row in r.dropped_no_target]
     total.sources = [{**dataclasses.asdict(r), "weight": s.weight, "cap": s.cap} for r, s in zip(reports, sources)]
     return concatenate(parts), total
 

@@ -8,11 +8,12 @@ the process ends.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import re
 import shutil
-import socket
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,33 +34,48 @@ class Example:
     source: int = 0  # which of the data.train sources it came from
 
 
+_HELD: list = []  # the open, locked .lock file of each folder this process uses: released when it exits
+
+
 def scratch(name: str) -> Path:
-    """A new folder for one data source's Arrow files, deleted at exit; folders left by a killed run of this
-    machine are deleted first."""
+    """A new folder for one data source's Arrow files, deleted at exit.
+
+    Each folder holds a `.lock` that its process keeps locked (flock) while it lives; a folder whose lock can
+    be taken was left by a killed run, and is deleted. A read-only datasets cache falls back to the temp folder.
+    """
     import datasets
 
     root = Path(datasets.config.HF_DATASETS_CACHE) / "qtune-tokens"
-    root.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for old in root.glob(f"{host}-*-*"):
-        pid = old.name[len(host) + 1 :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(dir=root)
+    except OSError:  # not writable: the system's temp folder
+        root = Path(tempfile.gettempdir()) / "qtune-tokens"
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(dir=root)
+    os.rmdir(probe)
+    for old in root.iterdir():
+        if (old / ".lock").is_file() and _unlocked(old / ".lock"):
             shutil.rmtree(old, ignore_errors=True)
     label = re.sub(r"[^\w.]", "_", Path(name).name[:40])  # (a hub id's `:split`: no such character in a name)
-    prefix = f"{host}-{os.getpid()}-{label}-"
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=root))
+    lock = (folder / ".lock.new").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(folder / ".lock.new", folder / ".lock")  # seen by others only once locked
+    _HELD.append(lock)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
 
-def _alive(pid: int) -> bool:
+def _unlocked(path: Path) -> bool:
+    """Can this lock be taken, i.e. has the process that held it ended? (The probe lock is released at once.)"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+    except OSError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class Examples(Sequence):
@@ -112,7 +128,8 @@ class Examples(Sequence):
         data = self.data.select_columns(list(COLUMNS))
         if data._indices is None:
             return data
-        return data.flatten_indices(cache_file_name=str(self.folder / f"train-{len(data)}.arrow"))
+        name = f"train-{uuid.uuid4().hex}"  # never an earlier selection's file
+        return data.flatten_indices(cache_file_name=str(self.folder / f"{name}.arrow"), new_fingerprint=name)
 
 
 def lengths(dataset) -> list[int]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qtune.data.read import is_hub_dataset
 from qtune.data.templates import TEMPLATES
 from qtune.meta import CAUSAL_LM, CLASSIFIER
 from qtune.models import EMBEDDED_ALIAS
@@ -40,7 +41,11 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
     def cut(section: dict[str, Any] | None, key: str) -> None:  # absolute or relative: only the last part
         if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
-            section[key] = Path(section[key]).name
+            parts = section[key].split(" + ")  # (several sources' files; a hub dataset id is public, kept)
+            section[key] = " + ".join(p if is_hub_dataset(p) else Path(p).name for p in parts)
+        elif isinstance(section, dict) and isinstance(section.get(key), list):  # data.train as a list of sources
+            for source in section[key]:
+                cut(source, "path")
 
     cut(meta.get("base"), "path")
     config = meta.get("config", {})
@@ -52,6 +57,8 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
     cut(config, "resume")
     for report in (meta.get("data") or {}).values():
         cut(report, "file")
+        for source in (report or {}).get("sources") or []:
+            cut(source, "file")
     return meta
 
 

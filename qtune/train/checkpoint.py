@@ -41,6 +41,7 @@ _MAY_DIFFER = {
     "model.name",
     "model.revision",
     "data.train",
+    "data.num_proc",
     "output.dir",
     "output.name",
     "output.overwrite",
@@ -94,7 +95,7 @@ def identity(cfg: RunConfig, base_fingerprint: str, data_fingerprint: str, templ
         "config": _flat(to_dict(cfg)),
         "base": base_fingerprint,
         "data": data_fingerprint,
-        "template": hashlib.sha256((template or "").encode()).hexdigest(),
+        "template": hashlib.sha256(json.dumps(template or "", sort_keys=True).encode()).hexdigest(),  # (or a dict)
         "processes": processes,
     }
 
