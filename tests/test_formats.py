@@ -363,3 +363,28 @@ def test_a_published_adapter_never_carries_a_local_template_path():
     assert public_meta(meta)["config"]["data"] == {"chat_template": "mine.jinja", "train": "d.jsonl"}
     named = {"config": {"data": {"chat_template": "llama-3"}}}
     assert public_meta(named)["config"]["data"]["chat_template"] == "llama-3"
+
+
+@pytest.mark.parametrize("name", list(TURN_END))
+def test_one_render_of_a_named_template_splits_replies_as_the_prefix_renders_do(smollm2_tokenizer, name):
+    """qtune's named templates are split from their {% generation %} blocks in one render; the same template
+    with a comment appended (so not recognised) is split by rendering every prefix. Both must agree."""
+    import copy
+
+    from qtune.data import TEMPLATES
+
+    fast, slow = copy.deepcopy(smollm2_tokenizer), copy.deepcopy(smollm2_tokenizer)
+    fast.chat_template, slow.chat_template = TEMPLATES[name], TEMPLATES[name] + "{#- unrecognised -#}"
+    records = [
+        {"messages": CHAT},
+        {"messages": TOOL_CHAT},
+        {"messages": CHAT[1:] + [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "done"}]},
+        {"messages": CHAT[1:3] + CHAT[3:], "n_prompt": 3},  # prompt/completion as messages: the last reply only
+    ]
+    from qtune.data.encode import _marked_segments
+
+    # One render where each reply ends in the tokenizer's EOS (SmolLM2's is <|im_end|>); else prefix renders.
+    assert (_marked_segments(fast, CHAT, 0) is not None) == (name in ("chatml", "mistral", "alpaca"))
+    for record in records:
+        a, b = encode(fast, copy.deepcopy(record)), encode(slow, copy.deepcopy(record))
+        assert (a.input_ids, a.labels, a.prompt_ids) == (b.input_ids, b.labels, b.prompt_ids), (name, record)

@@ -228,3 +228,22 @@ def test_more_sources_and_shapes(smollm2_tokenizer, tmp_path):
     assert public["data"]["train"]["file"] == "a.jsonl + owner/ds:train" and public["data"]["train"]["sources"][0] == {
         "file": "a.jsonl"
     }
+
+
+def test_a_run_over_two_sources_trains_and_reports_each(tiny_model_dir, tmp_path):
+    from qtune.lora import read_meta
+    from recipes import sft
+
+    chats, qa = sharegpt_file(tmp_path / "chats.jsonl", 12), qa_csv(tmp_path / "qa.csv", 20)
+    train = f"[{chats}, {{path: {qa}, format: alpaca, columns: {{instruction: question, response: answer}}, "
+    train += "weight: 2, cap: 10}]"
+    overrides = [f"model.name={tiny_model_dir}", "model.dtype=fp32", "quant.method=none", "train.max_steps=2"]
+    overrides += [f"data.train={train}", "data.eval_fraction=0.2", "train.save_every=0", f"output.dir={tmp_path}"]
+    meta = read_meta(sft.main(load_config(None, [*overrides, "output.name=two"])))
+    report = meta["data"]["train"]
+    assert [(s["format"], s["examples"], s["weight"], s["cap"]) for s in report["sources"]] == [
+        ("sharegpt", 12, 1.0, None),
+        ("alpaca", 10, 2.0, 10),
+    ]
+    assert meta["data"]["eval"]["examples"] == round(22 * 0.2) and meta["metrics"]["answered"] == 4
+    assert meta["config"]["data"]["train"][1]["columns"] == {"instruction": "question", "response": "answer"}

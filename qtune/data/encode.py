@@ -22,7 +22,7 @@ from qtune.config import DataConfig, SourceConfig
 from qtune.data.formats import check_columns, column_fields, detect_format, rename_record, validate
 from qtune.data.read import MAX_LISTED_ERRORS, Bad, fingerprint_data, iter_records, raise_all
 from qtune.data.store import Example, Examples, scratch
-from qtune.data.templates import apply_template
+from qtune.data.templates import TEMPLATES, apply_template
 from qtune.errors import DataError
 
 IGNORE = -100
@@ -68,11 +68,6 @@ class DataReport:
 # Tokenization with label masks
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
-    # Never add special tokens here: the chat template already wrote them, and BOS is handled once below.
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
 def _adds_bos(tokenizer) -> bool:
     """Does this tokenizer put BOS in front of plain text by convention (Llama-2/3 do, SmolLM2 does not)?"""
     if tokenizer.bos_token_id is None:
@@ -95,9 +90,14 @@ def chat_segments(tokenizer, messages: list[dict], first_trained: int = 0) -> li
 
     A trained piece is an assistant reply (at message index >= `first_trained`): what the template
     adds after the generation prompt, up to and including the first EOS. Text after that EOS (a
-    newline, say) is untrained. If the template does not end a reply with EOS, an EOS is inserted,
-    written as the piece ("", True).
+    newline, say) is untrained, one piece with the prompt that follows it, as a prompt is tokenized when
+    generating. If the template does not end a reply with EOS, an EOS is inserted, written as the piece
+    ("", True).
     """
+    if tokenizer.chat_template in _MARKED:
+        marked = _marked_segments(tokenizer, messages, first_trained)
+        if marked is not None:
+            return marked
     full = _render(tokenizer, messages, False)
     eos = tokenizer.eos_token
     segments: list[tuple[str, bool]] = []
@@ -116,10 +116,44 @@ def chat_segments(tokenizer, messages: list[dict], first_trained: int = 0) -> li
         reply = upto[len(prefix) :]
         cut = reply.find(eos) if eos else -1
         if cut >= 0:
-            segments += [(reply[: cut + len(eos)], True), (reply[cut + len(eos) :], False)]
+            segments.append((reply[: cut + len(eos)], True))
+            pos = len(prefix) + cut + len(eos)
         else:
             segments += [(reply, True), ("", True)]
-        pos = len(upto)
+            pos = len(upto)
+    segments.append((full[pos:], False))
+    return segments
+
+
+_MARKED = set(TEMPLATES.values())  # qtune's named templates: each reply in one {% generation %} block
+
+
+def _marked_segments(tokenizer, messages: list[dict], first_trained: int) -> list[tuple[str, bool]] | None:
+    """`chat_segments` from one render, for qtune's named templates: their {% generation %} blocks start where the
+    generation prompt ends, so each block's text up to its first EOS is the trained reply (tests/test_formats.py
+    compares it with the prefix renders). None where a block holds no EOS: the caller renders prefixes then."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        (full,), (spans,) = render_jinja_template(
+            [messages],
+            chat_template=tokenizer.chat_template,
+            return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+    except TemplateError as e:
+        raise DataError(f"the chat template cannot render this conversation: {e} (see data.chat_template)") from None
+    eos = tokenizer.eos_token
+    skip = sum(m["role"] == "assistant" for m in messages[:first_trained])
+    segments: list[tuple[str, bool]] = []
+    pos = 0
+    for start, end in spans[skip:]:
+        cut = full.find(eos, start, end) if eos else -1
+        if cut < 0:
+            return None
+        segments += [(full[pos:start], False), (full[start : cut + len(eos)], True)]
+        pos = cut + len(eos)
     segments.append((full[pos:], False))
     return segments
 
@@ -153,11 +187,14 @@ def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
     Pieces are tokenized separately, so the prompt tokens equal what generation later sees.
     """
     segments, answer = _segments(tokenizer, record)
+    texts = [text for text, _ in segments if text]
+    # One batched call; never special tokens here: the template wrote them, and BOS is handled once below.
+    tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     ids: list[int] = []
     labels: list[int] = []
     reply_start = None
     for text, trained in segments:
-        piece = _tokens(tokenizer, text) if text else ([tokenizer.eos_token_id] if trained else [])
+        piece = next(tokenized) if text else ([tokenizer.eos_token_id] if trained else [])
         if trained and text:
             reply_start = len(ids)
         ids.extend(piece)
