@@ -123,3 +123,50 @@ def test_a_recorded_config_that_is_not_a_mapping_is_a_clear_error(recorded):
         from_dict(recorded)
     with pytest.raises(AdapterError, match="qtune.json: its recorded config is invalid"):
         AdapterMeta.from_json({"config": recorded, "base": {"fingerprint": "sha256:0"}})
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.epochs", "train.warmup", "lora.alpha", "data.eval_fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(key, value, tmp_path):
+    with pytest.raises(ConfigError, match=rf"`{key}` must be a finite number"):
+        load_config(None, [f"{key}={value}"])
+    section, leaf = key.split(".")
+    yaml_file = tmp_path / "c.yaml"  # YAML's own .nan / .inf are floats already
+    yaml_file.write_text(f"{section}:\n  {leaf}: {'.nan' if value == 'nan' else value.replace('inf', '.inf')}\n")
+    with pytest.raises(ConfigError, match=rf"c.yaml: `{key}` must be a finite number"):
+        load_config(yaml_file)
+
+
+def test_another_process_training_into_the_same_output_is_refused_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    from qtune.train.run import lock_output, unlock_output
+
+    out = tmp_path / "adapters" / "mine"
+    holder = "from pathlib import Path; import sys, time; from qtune.train.run import lock_output; "
+    holder += f"lock_output(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)"
+    other = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"{out} is being trained by pid {other.pid} on .*: wait for that run"):
+            lock_output(out)
+    finally:
+        other.kill()
+        other.wait()
+    lock_output(out)  # the OS released the killed process's lock
+    lock_output(out)  # and this process may start again (a retry after an error)
+    unlock_output(out)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_grad_norm=-1", r"train.max_grad_norm must be >= 0 \(0: no clipping\), got -1.0"),
+        ("train.weight_decay=-0.1", r"train.weight_decay must be >= 0"),
+        ("lora.alpha=0", r"lora.alpha must be positive"),
+    ],
+)
+def test_values_outside_their_meaning_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -97,7 +97,7 @@ def test_a_bad_source_in_the_list_is_named_by_its_index_file_row_and_field(smoll
     [
         ("data.train=[{path: a.csv, wieght: 2}]", r"data.train\[0\].wieght`; did you mean `data.train\[0\].weight"),
         ("data.train=[a.jsonl, {path: b.csv, weight: 0}]", r"data.train\[1\]`: b.csv: weight must be a positive"),
-        ("data.train=[{path: b.csv, weight: .nan}]", r"data.train\[0\]`: b.csv: weight must be a positive"),
+        ("data.train=[{path: b.csv, weight: .nan}]", r"data.train\[0\].weight` must be a finite number"),
         ("data.train=[{format: alpaca}]", r"data.train\[0\]`: a data.train source has no path"),
         ("data.train=[{path: b.csv, format: tsv}]", r"data.train\[0\].format` must be one of auto, chat"),
         ("data.train=[{path: b.csv, cap: 0}]", r"b.csv: cap must be a positive number"),

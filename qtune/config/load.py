@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -109,9 +110,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, accepted):
             raise ConfigError(f"`{key}` must be {what}; got {value!r}")
         try:
-            return tp(value)
+            number = tp(value)
         except ValueError:
             raise ConfigError(f"`{key}` must be {what}; got {value!r}") from None
+        if not math.isfinite(number):  # nan / inf: every float key, here, before any section checks its range
+            raise ConfigError(f"`{key}` must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"`{key}` must be a string; got {value!r}")

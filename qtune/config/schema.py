@@ -46,6 +46,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -155,7 +157,7 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _help("LR schedule.", "cosine")
     warmup: float = _help("Warm-up: a fraction of all steps if < 1, else a step count.", 0.05)
     weight_decay: float = _help("AdamW weight decay on LoRA weights.", 0.0)
-    max_grad_norm: float = _help("Gradient clipping norm.", 1.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0: no clipping).", 1.0)
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer.", "adamw")
     gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", False)
     checkpoint_every: int = _help(
@@ -218,6 +220,10 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.warmup < 0:
             raise ConfigError(f"train.warmup must be >= 0, got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:  # (a negative norm would switch clipping off without a word)
+            raise ConfigError(f"train.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.fit_to_vram is not None:
             from qtune.plan import PlanError, parse_bytes
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qtune import lora, models
-from qtune.config import RunConfig
+from qtune.config import ConfigError, RunConfig
 from qtune.data import apply_template, describe, hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
@@ -144,19 +144,68 @@ class Run:
         files = {"loss.png": png, **(files or {})}
         lora.save_adapter(model, self.out_dir, meta, files, overwrite=cfg.output.overwrite, state_dict=self.weights)
         checkpoint.finish(cfg)
+        unlock_output(self.out_dir)
         print(f"adapter written to {self.out_dir} ({self.seconds:.0f} s of training)")
         return self.out_dir
 
 
+_LOCKS: dict[Path, Any] = {}  # the output locks this process holds: open files, flock'ed
+
+
+def _lock_path(out_dir: Path) -> Path:
+    """The lock of an output folder, in qtune's cache (nothing appears beside the folder before the adapter)."""
+    import hashlib
+
+    key = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:32]
+    return models.qtune_home() / "locks" / f"{key}.lock"
+
+
+def lock_output(out_dir: Path) -> None:
+    """One training per output folder: an OS lock (flock) held by this process until its run is saved or the
+    process ends (a crash, a kill: the OS releases it). Another process's run into the same folder is refused,
+    naming it; this process may run again (a retry after an error)."""
+    import fcntl
+    import os
+    import socket
+
+    path = _lock_path(out_dir)
+    if path in _LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"{out_dir} is being trained by {holder}: wait for that run to end, or pick another output.name"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _LOCKS[path] = f
+
+
+def unlock_output(out_dir: Path) -> None:
+    f = _LOCKS.pop(_lock_path(out_dir), None)
+    if f is not None:
+        f.close()  # (the lock file stays: removing it could let two runs lock two different files)
+
+
 def start(cfg: RunConfig) -> Run:
-    """Begin a run: refuse an existing output folder now (not after training), seed, find the base and its tokenizer
-    (with data.chat_template applied).
+    """Begin a run: refuse an existing output folder now (not after training), and one another process is training
+    into; seed, find the base and its tokenizer (with data.chat_template applied).
 
     The embedded SmolLM2 is converted once, on first use.
     """
     from transformers import set_seed
 
     out_dir = lora.output_dir(cfg)
+    if checkpoint.is_main_process():  # (under torchrun / accelerate, rank 0 writes and holds the lock)
+        lock_output(out_dir)
     set_seed(cfg.train.seed)
     base_path = models.resolve_base(cfg.model)
     tokenizer = models.load_tokenizer(base_path, cfg.model.trust_remote_code)
