@@ -264,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _loads_adapter(sub.add_parser("generate", help="answer a prompt with base + adapter"), cmd_generate)
     p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=128)
     p.add_argument("--base-only", action="store_true", help="the base without the adapter")
 
     p = sub.add_parser("eval", help="loss, perplexity and answer accuracy on a data file, as JSON")
     p = _loads_adapter(p, cmd_eval)
     p.add_argument("--data", required=True, help="data file in any supported format")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=_positive_int("--limit"), default=None, help="evaluate the first N records only")
+    p.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=None)
     p.add_argument("--base-only", action="store_true", help="evaluate the base without the adapter")
 
     p = sub.add_parser("predict", help="label texts with a classification adapter: one JSON line per input")

@@ -183,3 +183,14 @@ def test_fuzz_labelled_records(chatml_tokenizer, tmp_path, rows):
         assert str(path) in str(e)
         return
     assert examples and all(e.label in id2label for e in examples)
+
+
+def test_a_lone_surrogate_is_named_by_row_and_field(chatml_tokenizer, tmp_path):
+    """`"\\ud800"` is valid JSON but not Unicode: no tokenizer takes it, so it is a bad record, not a traceback."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+        '{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "ok"}]}\n'
+    )
+    with pytest.raises(DataError, match=r"row 2: field `messages\[0\].content` holds a lone surrogate"):
+        load_examples(path, chatml_tokenizer, DataConfig())

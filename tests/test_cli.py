@@ -224,3 +224,17 @@ def test_serve_refuses_bad_flags_before_loading_anything(capsys, argv, message, 
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error:") and message in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "adapters/x", "--data", "d.jsonl", "--limit", "-1"], "--limit must be a positive integer, got -1"),
+        (["eval", "adapters/x", "--data", "d.jsonl", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+        (["generate", "adapters/x", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+    ],
+)
+def test_counts_on_the_command_line_must_be_positive(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
