@@ -127,9 +127,12 @@ def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
         if not (adapter_dir / name).is_file():
             raise AdapterError(f"{adapter_dir}: {name} is missing; this is not a complete qtune adapter folder")
     try:
-        return json.loads((adapter_dir / META_FILE).read_text())
-    except ValueError as e:
+        meta = json.loads((adapter_dir / META_FILE).read_text())
+    except ValueError as e:  # (a UnicodeDecodeError too)
         raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{adapter_dir / META_FILE}: must hold a JSON object, got a {type(meta).__name__}")
+    return meta
 
 
 def library_versions() -> dict[str, str]:

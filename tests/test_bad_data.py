@@ -194,3 +194,15 @@ def test_a_lone_surrogate_is_named_by_row_and_field(chatml_tokenizer, tmp_path):
     )
     with pytest.raises(DataError, match=r"row 2: field `messages\[0\].content` holds a lone surrogate"):
         load_examples(path, chatml_tokenizer, DataConfig())
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "must hold a JSON object, got a list"), ("{", "not valid JSON")])
+def test_an_adapter_folder_whose_qtune_json_is_not_an_object_is_one_clear_error(tmp_path, text, message):
+    from qtune.errors import AdapterError
+    from qtune.meta import read_meta
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "qtune.json").write_text(text)
+    with pytest.raises(AdapterError, match=rf"qtune.json: {message}"):
+        read_meta(tmp_path)
