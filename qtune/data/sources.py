@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 from qtune.config import DataConfig
-from qtune.data.encode import DataReport, load_examples
+from qtune.data.load import DataReport, load_examples
 from qtune.data.store import Examples, concatenate
 from qtune.errors import DataError
 
