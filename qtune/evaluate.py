@@ -8,7 +8,8 @@ import string
 import torch
 from tqdm.auto import tqdm
 
-from qtune.data import IGNORE, Example
+from qtune.data import IGNORE, DataError, Example
+from qtune.data.read import lone_surrogate
 
 
 def _device(model) -> torch.device:
@@ -57,6 +58,9 @@ def generate_ids(
 
 def generate(model, tokenizer, prompt: str, system_prompt: str | None = None, max_new_tokens: int = 128) -> str:
     """Answer one user prompt, through the chat template if the tokenizer has one."""
+    for text, what in ((prompt, "--prompt"), (system_prompt, "the adapter's data.system_prompt")):
+        if text and lone_surrogate(text):  # (bytes that are not UTF-8 reach sys.argv as lone surrogates)
+            raise DataError(f"{what} holds a lone surrogate (\\ud800-\\udfff), not text: give it as valid UTF-8")
     if tokenizer.chat_template:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": prompt}

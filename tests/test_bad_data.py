@@ -51,6 +51,10 @@ CORPUS = [
     ("extra_csv_field.csv", b"prompt,completion\na,b\na,b,c\n", "row 2: 1 more field(s) than the header"),
     ("unknown_fields.jsonl", b'{"question": "a", "answer": "b"}\n', "cannot tell the format from fields"),
     ("wrong_suffix.txt", b"hello\n", "unsupported file type '.txt'"),
+    ("surrogate_key.jsonl", b'{"text": "ok", "\\ud800": 1}\n', "row 1: field `'\\ud800'` holds a lone surrogate"),
+    ("surrogate.json", b'[{"text": "ok"}, {"text": "a\\udfff"}]', "row 2: field `text` holds a lone surrogate"),
+    ("huge_number.jsonl", b'{"text": "ok", "n": ' + b"9" * 5000 + b"}\n", "row 1: not readable JSON (Exceeds"),
+    ("deep.jsonl", b'{"text": "ok", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "row 1: not readable JSON"),
 ]
 
 
@@ -194,6 +198,14 @@ def test_a_lone_surrogate_is_named_by_row_and_field(chatml_tokenizer, tmp_path):
     )
     with pytest.raises(DataError, match=r"row 2: field `messages\[0\].content` holds a lone surrogate"):
         load_examples(path, chatml_tokenizer, DataConfig())
+
+
+def test_labelled_eval_data_with_a_lone_surrogate_is_named_by_row_and_field(chatml_tokenizer, tmp_path):
+    """`qtune eval` of a classification adapter reads its data through classify.load_labelled."""
+    path = tmp_path / "labelled.jsonl"
+    path.write_text('{"text": "good", "label": "pos"}\n{"text": "b\\ud800d", "label": "neg"}\n')
+    with pytest.raises(DataError, match=r"row 2: field `text` holds a lone surrogate"):
+        classify.load_labelled(path, chatml_tokenizer, DataConfig())
 
 
 @pytest.mark.parametrize("text, message", [("[1, 2]", "must hold a JSON object, got a list"), ("{", "not valid JSON")])

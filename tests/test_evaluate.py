@@ -4,8 +4,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qtune.data import IGNORE, encode
-from qtune.evaluate import answer_accuracy, contains_answer, evaluate_loss, generate_ids, normalize_answer
+from qtune.data import IGNORE, DataError, encode
+from qtune.evaluate import (
+    answer_accuracy,
+    contains_answer,
+    evaluate_loss,
+    generate,
+    generate_ids,
+    normalize_answer,
+)
 from qtune.models import load_tokenizer
 
 RECORDS = [
@@ -46,6 +53,15 @@ def test_batched_generation_equals_one_at_a_time(model_and_tokenizer):
     prompts = [encode(tok, r).prompt_ids for r in RECORDS]
     alone = [generate_ids(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
     assert generate_ids(model, tok, prompts, max_new_tokens=5, batch_size=3) == alone
+
+
+def test_generate_refuses_a_prompt_that_is_not_unicode(model_and_tokenizer):
+    """Bytes that are not UTF-8 reach sys.argv as lone surrogates: one DataError naming the flag, not a traceback."""
+    model, tok = model_and_tokenizer
+    with pytest.raises(DataError, match=r"^--prompt holds a lone surrogate"):
+        generate(model, tok, "is it \udcff good?")
+    with pytest.raises(DataError, match=r"^the adapter's data.system_prompt holds a lone surrogate"):
+        generate(model, tok, "is it good?", system_prompt="be \ud800 brief")
 
 
 def test_answer_accuracy_counts_exact_and_contained(model_and_tokenizer, monkeypatch):

@@ -161,9 +161,6 @@ def _validated(src: SourceConfig, cfg: DataConfig, report: DataReport, folder: P
             report.records += 1
             bad: list[str] = []
             norm = validate(record, report.format, row, bad)
-            where = _lone_surrogate(record) if norm is not None else None
-            if where is not None:  # valid JSON ("\ud800"), not valid Unicode: no tokenizer takes it
-                norm, bad = None, [f"row {row}: field `{where}` holds a lone surrogate (\\ud800-\\udfff), not text"]
             if norm is None:
                 errors.extend(bad)
                 continue
@@ -187,26 +184,6 @@ def _alpaca_template(tokenizer) -> None:
     it is stored with the adapter, so generate, eval, serve and export prompt as training did."""
     apply_template(tokenizer, "alpaca")
     print("note: this base has no chat template; Alpaca records use data.chat_template=alpaca")
-
-
-def _lone_surrogate(value, where: str = "") -> str | None:
-    """The field (e.g. `messages[1].content`) of the first string that is not valid Unicode, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "record"
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            found = _lone_surrogate(v, f"{where}.{k}" if where else str(k))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _lone_surrogate(v, f"{where}[{i}]")
-            if found:
-                return found
-    return None
 
 
 def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig, index: int = 0):

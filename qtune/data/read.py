@@ -49,10 +49,62 @@ def _iter_jsonl(path: Path) -> Rows:
             except UnicodeDecodeError as e:
                 yield line_no, Bad(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
-            try:
-                yield line_no, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, Bad(f"not valid JSON ({e.msg} at column {e.colno})")
+            yield line_no, _unicode_checked(_parsed(text))
+
+
+def _parsed(text: str) -> Any:
+    """A JSONL line or a .json document, or Bad(why): not JSON, or a number or a nesting Python cannot read."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:  # (a line of JSONL has no line number of its own; a .json document has)
+        at = f"line {e.lineno}, column {e.colno}" if "\n" in text.rstrip() else f"column {e.colno}"
+        return Bad(f"not valid JSON ({e.msg} at {at})")
+    except ValueError as e:  # an integer of more than 4300 digits (sys.int_info.default_max_str_digits)
+        return Bad(f"not readable JSON ({str(e).split(':')[0]})")
+    except RecursionError:
+        return Bad("not readable JSON (nested too deeply)")
+    return record
+
+
+def _unicode_checked(record: Any) -> Any:
+    """The record, or Bad naming its first string that is not valid Unicode."""
+    where = lone_surrogate(record)
+    if where is None:
+        return record
+    # Valid JSON ("\ud800"), not valid Unicode: no tokenizer takes it, and writing it out fails.
+    return Bad(f"field `{where}` holds a lone surrogate (\\ud800-\\udfff), not text")
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The field (e.g. `messages[1].content`) of the first string or key that is not valid Unicode, or None.
+
+    A key is named as Python's ascii() writes it. (Walked with a stack, not recursion: JSON may nest deeply.)
+    """
+    stack = [(value, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return where or "record"
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                name = k if _is_unicode(k) else ascii(k)
+                if name != k:
+                    return f"{where}.{name}" if where else name
+                stack.append((v, f"{where}.{k}" if where else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _iter_json(path: Path) -> Rows:
@@ -61,13 +113,13 @@ def _iter_json(path: Path) -> Rows:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: file: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    data = _parsed(text)
+    if isinstance(data, Bad):
+        raise DataError(f"{path}: {data.message}")
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records; use .jsonl for one per line")
-    yield from enumerate(data, start=1)
+    for row, record in enumerate(data, start=1):
+        yield row, _unicode_checked(record)
 
 
 def _iter_csv(path: Path) -> Rows:
