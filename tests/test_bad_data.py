@@ -99,6 +99,18 @@ def test_a_one_megabyte_record_is_truncated_and_counted_or_rejected(chatml_token
         load_examples(path, chatml_tokenizer, DataConfig(max_length=64, overlong="reject"))
 
 
+def test_data_whose_every_answer_is_truncated_away_says_why_in_its_own_message(chatml_tokenizer, tmp_path):
+    """Every answer cut off by data.max_length (e.g. `qtune eval` data with long prompts): the one error says it all."""
+    path = tmp_path / "long_prompts.jsonl"
+    path.write_text((json.dumps({"prompt": "the movie was great " * 40, "completion": "yes"}) + "\n") * 3)
+    with pytest.raises(DataError) as err:
+        load_examples(path, chatml_tokenizer, DataConfig(max_length=16))
+    message = str(err.value)
+    assert "see above" not in message
+    assert f"{path}: no usable examples: all 3 records lose their whole answer" in message
+    assert "data.max_length=16 (rows 1, 2, 3)" in message and "shorten" in message
+
+
 def test_the_run_report_counts_truncated_dropped_and_duplicate_rows(tmp_path, tiny_model_dir):
     long = "the movie was great and the acting was wonderful " * 40
     short = {"prompt": "is it good?", "completion": "yes"}

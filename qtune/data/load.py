@@ -246,7 +246,12 @@ def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig,
     examples = Examples(kept, folder)
     report.examples = len(examples)
     if not len(examples):
-        raise DataError(f"{file}: no usable examples left (all {report.records} records were dropped: see above)")
+        rows = ", ".join(map(str, report.dropped_no_target[:MAX_LISTED_ERRORS]))
+        more = ", ..." if len(report.dropped_no_target) > MAX_LISTED_ERRORS else ""
+        raise DataError(
+            f"{file}: no usable examples: all {report.records} records lose their whole answer to truncation at "
+            f"data.max_length={cfg.max_length} (rows {rows}{more}); shorten their prompts, or raise data.max_length"
+        )
     report.tokens, report.trained_tokens = examples.token_counts()
     return examples, report
 
