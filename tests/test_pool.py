@@ -162,6 +162,54 @@ def test_rows_that_join_a_running_batch_equal_each_adapter_alone(adapter_set):
     assert max(sizes) >= 4 and not arrivals
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_steps_and_short_ones_overtake_it(adapter_set):
+    pool = AdapterPool(str(adapter_set["base"]), quant="none")
+    pool.add_folder(adapter_set["adapters"])
+    long_prompt = " ".join(PROMPTS * 6)  # ~130 tokens: 17 chunks of 8
+
+    def make():
+        return [
+            Row("alpha", pool.encode(PROMPTS[0]), Sampling(max_tokens=30)),
+            Row("beta", pool.encode(long_prompt), Sampling(max_tokens=5)),
+            Row(BASE, pool.encode(PROMPTS[2]), Sampling(max_tokens=5)),
+        ]
+
+    alone = [pool.generate([row])[0] for row in make()]
+    running, long, short = make()
+    assert len(long.prompt_ids) > 8 * 10
+    arrivals = {1: [long], 3: [short]}  # the short one arrives while the long one is still filling
+    admitted, order = [], []
+
+    def admit(n: int) -> list[Row]:
+        admitted.append(n)
+        return arrivals.pop(len(admitted) - 1, [])
+
+    def on_step(rows: list[Row]) -> None:
+        order.extend((r.adapter, len(r.tokens)) for r in rows if r.tokens)
+
+    pool.generate([running], on_step=on_step, admit=admit, prefill_chunk=8)
+    assert [r.tokens for r in (running, long, short)] == [r.tokens for r in alone]
+    # The running row kept getting tokens while the long prompt filled, and the short row finished first.
+    first_long = order.index(("beta", 1))
+    assert sum(1 for a, _ in order[:first_long] if a == "alpha") >= 10
+    assert ("base", len(short.tokens)) in order[:first_long]
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_a_row_past_its_deadline_stops_with_timeout(adapter_set, chunk):
+    import time
+
+    pool = AdapterPool(str(adapter_set["base"]), quant="none")
+    late = Row(BASE, pool.encode(PROMPTS[1]), Sampling(max_tokens=50), deadline=time.monotonic() - 1)
+    fine = Row(BASE, pool.encode(PROMPTS[1]), Sampling(max_tokens=5))
+    seen = []
+    pool.generate(
+        [late, fine], on_step=lambda rows: seen.extend(r for r in rows if r.finish_reason), prefill_chunk=chunk
+    )
+    assert late.finish_reason == "timeout" and len(late.tokens) <= 1 and late in seen
+    assert fine.finish_reason == "length" and len(fine.tokens) == 5
+
+
 def test_sampling_is_per_row_and_seeded(adapter_set):
     pool = AdapterPool(str(adapter_set["base"]), quant="none")
     pool.add("alpha", adapter_set["adapters"] / "alpha")

@@ -293,3 +293,124 @@ def test_requests_over_the_adapter_memory_budget_take_turns(adapter_set):  # noq
         with ThreadPoolExecutor(4) as ex:
             assert list(ex.map(ask, ["alpha", "beta", "alpha", "beta"])) == expected
     assert all(len(set(s) - {BASE}) <= 1 for s in app.state.scheduler.steps)  # one adapter per batch
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+@pytest.fixture(scope="module")
+def guarded_server(adapter_set):  # noqa: F811
+    """A server with a small body cap, for the abuse tests (the pool is the tiny base alone)."""
+    pool = AdapterPool(str(adapter_set["base"]), quant="none")
+    app = create_app(pool, limits=Limits(max_body_bytes=64_000, max_prompt_tokens=100), prefill_chunk=16)
+    with ServerThread(app) as url:
+        yield {"url": url, "pool": pool, "app": app}
+
+
+def test_a_body_over_the_cap_is_a_413_without_being_read_whole(guarded_server):
+    url = guarded_server["url"]
+    big = json.dumps({"model": "base", "prompt": "x" * 100_000}).encode()
+    r = httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over this server's limit of 64000 bytes (--max-body)" in r.text, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the cap applies while reading
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 64000 bytes" in r.text, r.text
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_prompt_surely_over_the_limit_is_refused_before_it_is_tokenized(guarded_server, monkeypatch):
+    url, pool = guarded_server["url"], guarded_server["pool"]
+    calls = []
+    real = pool.tokenizer.__call__
+    monkeypatch.setattr(type(pool.tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or real(*a, **k))
+    text = "word " * 10_000  # 50 KB: under the body cap, far over 100 tokens
+    r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": text, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "the prompt is 50000 bytes, at least" in r.json()["error"]["message"]
+    assert calls == []  # never tokenized
+    r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "word " * 101, "max_tokens": 2})
+    assert r.status_code == 400 and "the prompt is 10" in r.json()["error"]["message"]  # tokenized, then counted
+    assert calls
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(guarded_server):
+    url = guarded_server["url"]
+    headers = {"content-type": "application/json"}
+    for route, body, field in (
+        ("/v1/completions", b'{"model": "base", "prompt": "hi \\ud800"}', "prompt"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "base", "messages": [{"role": "user", "content": "\\udfff"}]}',
+            "messages[0].content",
+        ),
+    ):
+        r = httpx.post(url + route, content=body, headers=headers)
+        assert r.status_code == 400 and f"`{field}` holds a lone surrogate" in r.text, r.text
+        assert r.json()["error"]["param"] == field
+
+
+def test_parsing_and_tokenizing_run_off_the_event_loop(guarded_server, monkeypatch):
+    """A request that is slow to prepare (a stand-in for a huge body) does not stall /health or other requests."""
+    url, pool = guarded_server["url"], guarded_server["pool"]
+    real = pool.chat_text
+
+    def slow(*args):
+        time.sleep(3)
+        return real(*args)
+
+    monkeypatch.setattr(pool, "chat_text", slow)
+    body = {"model": "base", "messages": chat("hi"), "max_tokens": 2}
+    with ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+        time.sleep(0.3)  # the slow one is being prepared now
+        start = time.monotonic()
+        assert httpx.get(url + "/health").status_code == 200
+        r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "hello", "max_tokens": 2})
+        quick = time.monotonic() - start
+        assert r.status_code == 200 and not pending.done()
+        assert pending.result().status_code == 200
+    assert quick < 2.5  # answered while the slow request was still being prepared (it takes 3 s)
+
+
+def test_a_request_past_the_time_budget_is_a_504(adapter_set):  # noqa: F811
+    pool = AdapterPool(str(adapter_set["base"]), quant="none")
+    app = create_app(pool, limits=Limits(timeout_s=0.001), batch_wait_ms=20)
+    with ServerThread(app) as url:
+        body = {"model": "base", "prompt": "hello how are you", "max_tokens": 50}
+        r = httpx.post(url + "/v1/completions", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        assert "time budget" in r.json()["error"]["message"] and "--request-timeout" in r.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "timeout"
+
+
+def test_bad_adapter_folders_are_skipped_at_startup_and_listed(adapter_set, tmp_path):  # noqa: F811
+    folder = tmp_path / "adapters"
+    shutil.copytree(adapter_set["adapters"] / "alpha", folder / "alpha")
+    truncated = shutil.copytree(adapter_set["adapters"] / "beta", folder / "truncated")
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    listed = shutil.copytree(adapter_set["adapters"] / "qdemo", folder / "listed")
+    (listed / "qtune.json").write_text("[1, 2]")
+    garbled = shutil.copytree(adapter_set["adapters"] / "gamma", folder / "garbled")
+    (garbled / "adapter_config.json").write_text("{not json")
+
+    pool = AdapterPool(str(adapter_set["base"]), quant="none")
+    assert pool.add_folder(folder) == ["alpha"]
+    assert set(pool.skipped) == {"truncated", "listed", "garbled"}
+    assert "not a readable safetensors file" in pool.skipped["truncated"]
+    assert "qtune.json" in pool.skipped["listed"] and "adapter_config.json" in pool.skipped["garbled"]
+    with ServerThread(create_app(pool)) as url:
+        models = httpx.get(url + "/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [BASE, "alpha"]
+        assert {s["id"]: s["reason"] for s in models["skipped"]} == pool.skipped
+        r = httpx.post(url + "/admin/adapters", json={"name": "t", "path": str(truncated)})
+        assert r.status_code == 400 and "not a readable safetensors file" in r.json()["error"]["message"], r.text
+        r = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200

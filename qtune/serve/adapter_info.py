@@ -56,8 +56,14 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
     `base_fingerprint()` is asked only for qtune causal-LM adapters: it hashes the base's weights once.
     """
     size = (path / ADAPTER_WEIGHTS).stat().st_size
+    _check_readable(path / ADAPTER_WEIGHTS)
     if not (path / META_FILE).is_file():  # plain PEFT: the base is checked when peft loads it
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise AdapterError(f"{path / ADAPTER_CONFIG}: must be a JSON object, got {type(config).__name__}")
         if config.get("task_type") not in (None, "CAUSAL_LM"):
             raise AdapterError(
                 f"{path}: a plain PEFT adapter for {config['task_type']}; only CAUSAL_LM ones can be served "
@@ -83,6 +89,17 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
     return AdapterInfo(
         name, path, CAUSAL_LM, "qtune", size, system_prompt=cfg.data.system_prompt, chat_template=meta.chat_template
     )
+
+
+def _check_readable(weights: Path) -> None:
+    """Refuse a weights file whose header does not parse or does not cover the file (truncated, corrupt)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e}); copy or save it again") from None
 
 
 def check_fits(model, folder: Path) -> None:

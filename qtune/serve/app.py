@@ -18,14 +18,16 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import math
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtune.errors import USER_ERRORS, AdapterError, ConfigError
-from qtune.meta import CAUSAL_LM, CLASSIFIER
+from qtune.meta import CLASSIFIER
 from qtune.serve.decode import Row
 from qtune.serve.openai_api import (
     Limits,
@@ -33,11 +35,10 @@ from qtune.serve.openai_api import (
     check_model,
     choice,
     error_response,
-    json_body,
     model_entry,
-    read_chat_prompt,
-    read_sampling,
-    read_text_prompt,
+    parse_json,
+    read_body,
+    read_completion,
     sse,
     usage,
 )
@@ -70,15 +71,20 @@ def create_app(
     limits: Limits | None = None,
     max_batch: int = 16,
     batch_wait_ms: float = 5.0,
+    prefill_chunk: int | None = 512,
 ) -> Starlette:
     """The Starlette app serving `pool` (start it with uvicorn, or ServerThread in tests).
 
     Args:
         pool: the base and adapters to serve; the app's worker thread runs every model call on it.
         token: bearer token the admin routes require; None leaves them open (loopback only: see serve()).
-        limits: per-request limits (max_tokens, prompt length).
+        limits: per-request limits (max_tokens, prompt length, body size, time budget).
         max_batch: most rows decoded together.
         batch_wait_ms: how long the first request of a batch waits for company.
+        prefill_chunk: a longer prompt is prefilled this many tokens at a time between two decoding steps.
+
+    The event loop only moves bytes: parsing, checking and tokenizing a request run on a small thread pool,
+    and the model on the scheduler's worker thread, so one large request never stalls /health or a stream.
 
     `app.state.scheduler.steps` records the adapters of the rows of every forward pass, and
     `.finished` each row's (adapter, finish_reason, tokens): what the tests check batching with.
@@ -88,17 +94,26 @@ def create_app(
     from starlette.routing import Route
 
     limits = limits or Limits()
-    scheduler = Scheduler(pool, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    scheduler = Scheduler(pool, max_batch=max_batch, batch_wait_ms=batch_wait_ms, prefill_chunk=prefill_chunk)
+    workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qtune-serve-request")
+
+    async def off_loop(fn):
+        return await asyncio.get_running_loop().run_in_executor(workers, fn)
+
+    async def json_body(request) -> dict:
+        raw = await read_body(request, limits.max_body_bytes)
+        return await off_loop(lambda: parse_json(raw))
 
     async def wait_disconnect(request) -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(0.02)
 
     async def complete(request, chat: bool):
-        body = await json_body(request)
-        model = check_model(pool, body, CAUSAL_LM)
-        prompt = read_chat_prompt(pool, body, model) if chat else read_text_prompt(pool, body)
-        row = Row(model, prompt, read_sampling(pool, limits, body, len(prompt)))
+        arrived = time.monotonic()
+        raw = await read_body(request, limits.max_body_bytes)
+        body, model, prompt, sampling = await off_loop(lambda: read_completion(pool, limits, raw, chat))
+        deadline = arrived + limits.timeout_s if limits.timeout_s else None
+        row = Row(model, prompt, sampling, deadline=deadline)
         stream = body.get("stream") is True
         include_usage = (
             stream and isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
@@ -120,7 +135,7 @@ def create_app(
                         return error_response(499, "client disconnected")
                     kind, value = getter.result()
                     if kind == "error":
-                        return error_response(500, value)
+                        return error_response(*failure(row, value))
                     if kind == "done":
                         break
             finally:
@@ -139,7 +154,8 @@ def create_app(
                     if kind == "delta":
                         yield sse({**head, "choices": [choice(value, None, chat=chat, stream=True)]})
                     elif kind == "error":
-                        yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+                        _, message, _, code = failure(row, value)
+                        yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
                         break
                     else:
                         yield sse({**head, "choices": [choice(None, row.finish_reason, chat=chat, stream=True)]})
@@ -152,6 +168,12 @@ def create_app(
                     row.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def failure(row: Row, message: str) -> tuple[int, str, None, str | None]:
+        """The status, message and code of a row that ended in an error (a 504 past the time budget)."""
+        if row.finish_reason == "timeout":
+            return 504, f"{message} ({limits.timeout_s:g} s, --request-timeout)", None, "timeout"
+        return 500, message, None, None
 
     async def classify(request):
         body = await json_body(request)
@@ -168,7 +190,10 @@ def create_app(
         return JSONResponse({"object": "list", "model": model, "data": data})
 
     async def models(request):
-        return JSONResponse({"object": "list", "data": [model_entry(pool, n) for n in pool.names()]})
+        skipped = [{"id": name, "reason": reason} for name, reason in pool.skipped.items()]
+        return JSONResponse(
+            {"object": "list", "data": [model_entry(pool, n) for n in pool.names()], "skipped": skipped}
+        )
 
     def authorize(request) -> None:
         if token is None:
@@ -225,6 +250,7 @@ def create_app(
             yield
         finally:
             scheduler.stop()
+            workers.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/models", guarded(models), methods=["GET"]),
@@ -283,6 +309,9 @@ def serve(
     max_batch: int = 16,
     max_tokens_limit: int = 512,
     max_prompt_tokens: int | None = None,
+    max_body: str = "4MB",
+    request_timeout: float = 300.0,
+    prefill_chunk: int = 512,
     log_level: str = "info",
 ) -> None:
     """Load the base and the adapters under `adapters_dir`, then serve until interrupted (what `qtune serve` runs).
@@ -296,6 +325,12 @@ def serve(
         max_adapters, max_adapter_memory: the residency bound (count; weights size such as "512MB").
         max_batch: most rows decoded together.
         max_tokens_limit, max_prompt_tokens: per-request limits; over them is a 400.
+        max_body: the largest request body read (e.g. "4MB"); over it is a 413.
+        request_timeout: seconds from a request's arrival to its last token; past it is a 504 (0: no limit).
+        prefill_chunk: longer prompts are prefilled this many tokens at a time between decoding steps.
+
+    An adapter folder under `adapters_dir` that cannot be served (truncated weights, a bad qtune.json, another
+    base) is skipped with its reason in the log and in GET /v1/models; the others are served.
     """
     import uvicorn
 
@@ -307,13 +342,21 @@ def serve(
             f"--host {host} is reachable from other machines: set --token (or QTUNE_SERVE_TOKEN) so that "
             "the admin routes that load and unload adapters are protected"
         )
-    for flag, value in (("--max-batch", max_batch), ("--max-tokens-limit", max_tokens_limit)):
+    checks = (("--max-batch", max_batch), ("--max-tokens-limit", max_tokens_limit), ("--prefill-chunk", prefill_chunk))
+    for flag, value in checks:
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    try:
-        budget = parse_bytes(max_adapter_memory) if max_adapter_memory else None
-    except PlanError:
-        raise ConfigError(f"--max-adapter-memory: cannot read {max_adapter_memory!r}; use e.g. 512MB or 2GB") from None
+    if not math.isfinite(request_timeout) or request_timeout < 0:
+        raise ConfigError(f"--request-timeout must be a number of seconds >= 0 (0: no limit), got {request_timeout}")
+
+    def size(flag: str, text: str) -> int:
+        try:
+            return parse_bytes(text)
+        except PlanError:
+            raise ConfigError(f"{flag}: cannot read {text!r}; use e.g. 512MB or 2GB") from None
+
+    budget = size("--max-adapter-memory", max_adapter_memory) if max_adapter_memory else None
+    body_limit = size("--max-body", max_body)
     if adapters_dir is not None and not Path(adapters_dir).is_dir():
         raise AdapterError(f"--adapters: {adapters_dir} is not a folder (give the folder that holds adapter folders)")
     try:
@@ -321,7 +364,14 @@ def serve(
     except ModelError as e:  # resolve_base speaks of the config key; here the flag is --base
         raise ModelError(str(e).replace("model.name:", "--base:", 1)) from None
     names = pool.add_folder(adapters_dir) if adapters_dir is not None else []
+    for name, reason in pool.skipped.items():
+        print(f"skipped adapter {name}: {reason}", flush=True)
     print(f"serving {pool.base_path} ({quant}) with adapters: {', '.join(names) or 'none'}", flush=True)
-    limits = Limits(max_tokens=max_tokens_limit, max_prompt_tokens=max_prompt_tokens)
-    app = create_app(pool, token=token, limits=limits, max_batch=max_batch)
+    limits = Limits(
+        max_tokens=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        max_body_bytes=body_limit,
+        timeout_s=request_timeout or None,
+    )
+    app = create_app(pool, token=token, limits=limits, max_batch=max_batch, prefill_chunk=prefill_chunk)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -5,17 +5,22 @@
         batch = step(model, batch, tokenizer, eos_ids, context, on_step)
 
 The first step runs the whole prompts (prefill), each later one a single token per row with the KV
-cache. Every row names its adapter through peft's `adapter_names` ("__base__" for the plain base),
-samples with its own temperature / top_p / seed, and stops on its own stop strings, token budget or
-cancellation; finished rows leave the batch at once. Greedy rows give the same tokens as the row run
-alone: the batch only adds left padding that attention masks out (checked by tests/test_pool.py).
-Rows that arrive later are prefilled on their own and `merge`d into a running batch whose cache is
-`joinable`. AdapterPool.generate drives this loop; which adapters are loaded is its business.
+cache. A long prompt may be run into the cache a chunk at a time first (`fill`), so that the steps of
+a running batch go on between its chunks (chunked prefill; AdapterPool.generate interleaves them).
+Every row names its adapter through peft's `adapter_names` ("__base__" for the plain base), samples
+with its own temperature / top_p / seed, and stops on its own stop strings, token budget, cancellation
+or time budget (`deadline`); finished rows leave the batch at once. A batch only adds left padding
+that attention masks out, but padding changes the shapes of the matrix products, so a row's logits
+may differ from the row run alone in the last bits, and a greedy choice between two near-tied tokens
+may flip (tests/test_pool.py checks that flips happen only on near-ties). Rows that arrive later are
+prefilled on their own and `merge`d into a running batch whose cache is `joinable`.
+AdapterPool.generate drives this loop; which adapters are loaded is its business.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +54,11 @@ class Row:
     # output
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout" or "error"
     sent: int = 0  # characters of `text` already handed out as stream deltas
     cancelled: bool = False  # set from any thread; the row leaves the batch at the next step
-    error: str | None = None  # why, when finish_reason is "error"
+    error: str | None = None  # why, when finish_reason is "error" or "timeout"
+    deadline: float | None = None  # time.monotonic() past which the row stops with finish_reason "timeout"
     generator: torch.Generator | None = field(default=None, repr=False)  # its own random stream
 
     def stream_text(self) -> str:
@@ -70,7 +76,8 @@ class Row:
 
 @dataclass
 class Batch:
-    """Rows being decoded: their KV cache, attention mask (one column ahead of the cache), next positions and ids."""
+    """Rows being decoded: their KV cache, the ids not yet run (the prompt, or the last token), their positions,
+    and the attention mask over cache and ids."""
 
     rows: list[Row]
     cache: Any
@@ -123,22 +130,69 @@ def step(
     next_ids = [_pick(logits[i], r.sampling, r.generator) for i, r in enumerate(batch.rows)]
     for r, token in zip(batch.rows, next_ids):
         _append(r, token, tokenizer, eos_ids, context)
+    _time_out(batch.rows)
     if on_step is not None:
         on_step(batch.rows)
+    ids = torch.tensor(next_ids, dtype=torch.long, device=batch.mask.device).unsqueeze(1)
+    mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+    return _drop_finished(Batch(batch.rows, out.cache, mask, batch.positions[:, -1:] + 1, ids))
+
+
+def fill(model, batch: Batch, chunk: int, on_step: Callable[[list[Row]], None] | None = None) -> Batch | None:
+    """Run the first `chunk` prompt columns of a prefilled batch into its KV cache; the rest waits for the next call.
+
+    Rows cancelled or past their deadline meanwhile leave (`on_step` sees them); None when none is left. The
+    last columns go through `step`, which picks the first token.
+    """
+    from peft import PeftModel
+
+    names = [PEFT_BASE if r.adapter == BASE else r.adapter for r in batch.rows]
+    extra = {"adapter_names": names} if isinstance(model, PeftModel) else {}
+    seen = batch.mask.shape[1] - batch.ids.shape[1]  # columns already in the cache
+    out = model(
+        input_ids=batch.ids[:, :chunk],
+        attention_mask=batch.mask[:, : seen + chunk],
+        position_ids=batch.positions[:, :chunk],
+        cache=batch.cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **extra,
+    )
+    batch = Batch(batch.rows, out.cache, batch.mask, batch.positions[:, chunk:], batch.ids[:, chunk:])
+    _time_out(batch.rows)
+    if on_step is not None and any(r.finish_reason is not None or r.cancelled for r in batch.rows):
+        on_step([r for r in batch.rows if r.finish_reason is not None or r.cancelled])
+    return _drop_finished(batch)
+
+
+def pending(batch: Batch) -> int:
+    """How many prompt columns of a batch are not yet in its cache (1 once it decodes)."""
+    return batch.ids.shape[1]
+
+
+def _time_out(rows: list[Row]) -> None:
+    now = time.monotonic()
+    for r in rows:
+        if r.finish_reason is None and r.deadline is not None and now > r.deadline:
+            r.finish_reason = "timeout"
+
+
+def _drop_finished(batch: Batch) -> Batch | None:
+    """The batch without its finished and cancelled rows (their cache rows too); None when none is left."""
     for r in batch.rows:
         if r.finish_reason is None and r.cancelled:
             r.finish_reason = "cancelled"
     keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
     if not keep:
         return None
-    cache, mask, positions = out.cache, batch.mask, batch.positions
     if len(keep) < len(batch.rows):
-        index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-        cache.batch_select_indices(index)
-        mask, positions = mask[index], positions[index]
-    ids = torch.tensor([next_ids[i] for i in keep], dtype=torch.long, device=mask.device).unsqueeze(1)
-    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return _trim(Batch([batch.rows[i] for i in keep], cache, mask, positions[:, -1:] + 1, ids))
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        if batch.cache is not None:
+            batch.cache.batch_select_indices(index)
+        batch = Batch(
+            [batch.rows[i] for i in keep], batch.cache, batch.mask[index], batch.positions[index], batch.ids[index]
+        )
+    return _trim(batch)
 
 
 def _append(row: Row, token: int, tokenizer, eos_ids: set[int], context: int | None) -> None:
@@ -189,7 +243,8 @@ def _trim(batch: Batch) -> Batch:
     """Drop leading columns that are padding in every row (left behind by rows that finished)."""
     if not joinable(batch.cache):
         return batch
-    lead = int((batch.mask.sum(0) > 0).int().argmax())
+    cached = batch.mask.shape[1] - batch.ids.shape[1]
+    lead = min(int((batch.mask.sum(0) > 0).int().argmax()), cached)  # only columns already in the cache
     if lead == 0:
         return batch
     for layer in batch.cache.layers:

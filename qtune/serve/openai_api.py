@@ -26,26 +26,62 @@ class RequestError(Exception):
 
 @dataclass
 class Limits:
-    """What one request may ask for; over-limit requests get a 400 naming the limit."""
+    """What one request may ask for; over-limit requests get a 4xx naming the limit."""
 
     max_tokens: int = 512  # most new tokens per request (`--max-tokens-limit`)
     default_max_tokens: int = 128  # when a request gives none
     max_prompt_tokens: int | None = None  # None: the model's context minus the tokens asked for
+    max_body_bytes: int = 4 * 2**20  # a larger request body is a 413, read no further (`--max-body`)
+    timeout_s: float | None = 300.0  # time budget from arrival to the last token (`--request-timeout`)
 
 
 # ---------------------------------------------------------------- requests
 
 
-async def json_body(request) -> dict[str, Any]:
-    """The request's JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.body()
+async def read_body(request, limit: int) -> bytes:
+    """The request's bytes, or a 413 as soon as they are over `limit` (from Content-Length, or while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, _too_large(f"{declared} bytes", limit), code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, _too_large(f"over {limit} bytes", limit), code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int) -> str:
+    return f"the request body is {size}, over this server's limit of {limit} bytes (--max-body)"
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object, or a 400 that says what is wrong with it (or which field is not text)."""
+    from qtune.data.read import lone_surrogate
+
     try:
         body = json.loads(raw)
     except ValueError as e:
         raise RequestError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    where = lone_surrogate(body)
+    if where is not None:  # valid JSON ("\ud800"), not valid Unicode: no tokenizer takes it
+        raise RequestError(400, f"`{where}` holds a lone surrogate (\\ud800-\\udfff), not text", where)
     return body
+
+
+def read_completion(
+    pool: AdapterPool, limits: Limits, raw: bytes, chat: bool
+) -> tuple[dict[str, Any], str, list[int], Sampling]:
+    """A chat or text completion request: (body, model, prompt token ids, sampling), all checked.
+
+    The server runs this off its event loop: parsing and tokenizing a large body takes a while."""
+    body = parse_json(raw)
+    model = check_model(pool, body, CAUSAL_LM)
+    prompt = read_chat_prompt(pool, limits, body, model) if chat else read_text_prompt(pool, limits, body)
+    return body, model, prompt, read_sampling(pool, limits, body, len(prompt))
 
 
 def check_model(pool: AdapterPool, body: dict, kind: str) -> str:
@@ -109,7 +145,7 @@ def read_sampling(pool: AdapterPool, limits: Limits, body: dict, prompt_tokens: 
     )
 
 
-def read_chat_prompt(pool: AdapterPool, body: dict, model: str) -> list[int]:
+def read_chat_prompt(pool: AdapterPool, limits: Limits, body: dict, model: str) -> list[int]:
     """Token ids of the request's `messages` through the chat template (text content only)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -124,21 +160,41 @@ def read_chat_prompt(pool: AdapterPool, body: dict, model: str) -> list[int]:
             raise RequestError(400, f"`messages[{i}]` must have a string `role` and text `content`", "messages")
         clean.append({"role": m["role"], "content": content})
     try:
-        return pool.chat_ids(model, clean)
+        text = pool.chat_text(model, clean)
     except ConfigError as e:
         raise RequestError(400, str(e), "messages") from None
     except Exception as e:  # a template that rejects the roles given (e.g. no system role)
         raise RequestError(400, f"the chat template rejected these messages: {e}", "messages") from None
+    return _tokenize(pool, limits, text, special=False)
 
 
-def read_text_prompt(pool: AdapterPool, body: dict) -> list[int]:
+def read_text_prompt(pool: AdapterPool, limits: Limits, body: dict) -> list[int]:
     """Token ids of the request's `prompt` (one string)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(400, "`prompt` must be a non-empty string (one prompt per request)", "prompt")
-    return pool.encode(prompt)
+    return _tokenize(pool, limits, prompt, special=True)
+
+
+def _tokenize(pool: AdapterPool, limits: Limits, text: str, special: bool) -> list[int]:
+    """The prompt's token ids; a prompt surely over the limit is refused before it is tokenized.
+
+    No token covers more than `pool.max_token_bytes` bytes of text, so a text of N bytes has at least
+    N / max_token_bytes tokens: a 20 MB prompt is refused in microseconds, not after seconds of tokenizing.
+    """
+    limit = limits.max_prompt_tokens or pool.context
+    size = len(text.encode("utf-8"))
+    if limit is not None and size > limit * pool.max_token_bytes:
+        flag = " (--max-prompt-tokens)" if limits.max_prompt_tokens else "'s context"
+        raise RequestError(
+            400,
+            f"the prompt is {size} bytes, at least {-(-size // pool.max_token_bytes)} tokens, over the "
+            f"limit of {limit} tokens of this server{flag}: shorten it",
+            code="context_length_exceeded",
+        )
+    return pool.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float, *, integer: bool = False) -> Any:

@@ -33,11 +33,11 @@ from typing import Any, Literal
 import torch
 
 from qtune.config import ModelConfig, QuantConfig
-from qtune.errors import AdapterError, ConfigError
+from qtune.errors import USER_ERRORS, AdapterError, ConfigError
 from qtune.meta import ADAPTER_CONFIG, CAUSAL_LM, CLASSIFIER
 from qtune.models import fingerprint_base, load_base, load_classifier, load_tokenizer, resolve_base
 from qtune.serve.adapter_info import AdapterInfo, adapter_folder, check_fits, inspect_adapter
-from qtune.serve.decode import BASE, PEFT_BASE, Batch, Row, joinable, merge, prefill, step
+from qtune.serve.decode import BASE, PEFT_BASE, Batch, Row, fill, joinable, merge, pending, prefill, step
 from qtune.serve.decode import Sampling as Sampling  # re-exported: callers build their rows from qtune.serve.pool
 
 
@@ -81,10 +81,14 @@ class AdapterPool:
         self.tokenizer = load_tokenizer(self.base_path, trust_remote_code)
         self.model = load_base(self.base_path, self.model_cfg, self.quant_cfg).eval()
         self.context = getattr(self.model.config, "max_position_embeddings", None)
+        # The most bytes of text one token stands for (UTF-8 of its vocabulary string: never less than the
+        # bytes it decodes to), so that len(text in bytes) / max_token_bytes bounds a prompt's token count.
+        self.max_token_bytes = max(len(t.encode("utf-8", "replace")) for t in self.tokenizer.get_vocab())
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self._fingerprint: str | None = None
         self.adapters: dict[str, AdapterInfo] = {}  # registered
+        self.skipped: dict[str, str] = {}  # adapter folders add_folder could not serve: name -> why
         self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.classifiers: dict[tuple, _Classifier] = {}
         self._pins: dict[str, int] = {}
@@ -115,7 +119,10 @@ class AdapterPool:
             return info
 
     def add_folder(self, folder: str | Path) -> list[str]:
-        """Register every adapter folder directly under `folder` (name = subfolder name); load up to the bound."""
+        """Register every adapter folder directly under `folder` (name = subfolder name); load up to the bound.
+
+        A folder that cannot be served (truncated weights, a bad qtune.json, another base) is skipped, with its
+        reason in `skipped`: one bad folder does not keep the others from being served."""
         folder = Path(folder)
         if not folder.is_dir():
             raise AdapterError(f"{folder}: no such folder of adapters")
@@ -124,8 +131,12 @@ class AdapterPool:
         for path in subdirs:
             if not (path / ADAPTER_CONFIG).is_file():
                 continue  # not an adapter (e.g. a half-written one, or notes)
-            self.add(path.name, path, load=len(self.resident) < self.max_adapters)
-            added.append(path.name)
+            try:
+                self.add(path.name, path, load=len(self.resident) < self.max_adapters)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with one folder, serve the rest
+                self.skipped[path.name] = str(e) if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: {e}"
+            else:
+                added.append(path.name)
         return added
 
     def remove(self, name: str) -> None:
@@ -246,7 +257,11 @@ class AdapterPool:
         return self.tokenizer(text)["input_ids"]
 
     def chat_ids(self, adapter: str, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation through the chat template, ready for the assistant's reply.
+        """Token ids of a conversation through the chat template, ready for the assistant's reply (`chat_text`)."""
+        return self.tokenizer(self.chat_text(adapter, messages), add_special_tokens=False)["input_ids"]
+
+    def chat_text(self, adapter: str, messages: list[dict[str, str]]) -> str:
+        """A conversation through the chat template, ready for the assistant's reply.
 
         A qtune adapter is prompted as it was trained: with its chat template (data.chat_template), and its
         system prompt when the messages bring none.
@@ -257,10 +272,9 @@ class AdapterPool:
             raise ConfigError(f"{self.base_path} has no chat template: use the completions endpoint")
         if info is not None and info.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": info.system_prompt}, *messages]
-        text = self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---------------------------------------------------------------- generation
 
@@ -270,43 +284,67 @@ class AdapterPool:
         rows: list[Row],
         on_step: Callable[[list[Row]], None] | None = None,
         admit: Callable[[int], list[Row]] | None = None,
+        prefill_chunk: int | None = None,
     ) -> list[Row]:
         """Complete all rows in one batch, each with its own adapter and sampling; returns the rows, filled in.
 
-        `on_step(rows)` is called after every forward pass with the rows that got a token (for streaming);
-        a row whose `cancelled` is set (from any thread) leaves the batch at the next step. `admit(n)`, called
-        between steps with the number of running rows, returns new rows to join the running batch
+        `on_step(rows)` is called after every forward pass with the rows that got a token or finished (for
+        streaming); a row whose `cancelled` is set (from any thread) leaves the batch at the next step. `admit(n)`,
+        called between steps with the number of running rows, returns new rows to join the running batch
         (continuous batching); they are prefilled on their own and their KV cache is appended to the batch's.
+
+        `prefill_chunk`: a joining prompt longer than this is run into its cache `prefill_chunk` tokens at a time,
+        one chunk between two steps of the running batch, so a long prompt delays the running rows by one chunk
+        per token rather than by its whole prefill (None: every prompt in one pass). Short prompts that arrive
+        meanwhile join at once; long ones wait for the one filling to finish.
         """
         with self._lock:
             held: dict[int, Row] = {}  # rows running: their adapters are pinned (never evicted under them)
             try:
-                batch, incoming, first = None, list(rows), True
+                batch = filling = None
+                incoming, waiting, first = list(rows), [], True
                 while True:
                     if incoming:
                         try:
-                            fresh = self._start(incoming, on_step, held)
+                            short, long = self._start(incoming, held, prefill_chunk)
                         except (AdapterError, ConfigError) as e:
                             if first:
                                 raise
-                            for r in incoming:  # a row admitted later fails alone
+                            for r in incoming:  # rows admitted later fail alone
                                 r.finish_reason, r.error = "error", str(e)
                             if on_step is not None:
                                 on_step(incoming)
-                            fresh = None
-                        batch = fresh if batch is None else merge(batch, fresh) if fresh is not None else batch
+                            short, long = [], []
+                        waiting += long
+                        fresh = (
+                            self._step(prefill(self.model, short, self.tokenizer.pad_token_id), on_step)
+                            if short
+                            else None
+                        )
+                        batch = self._join(batch, fresh)
                     first = False
+                    if filling is None and waiting:
+                        filling, waiting = prefill(self.model, waiting, self.tokenizer.pad_token_id), []
+                    if filling is not None:  # one chunk of the long prompts, or their last columns and first token
+                        if pending(filling) > prefill_chunk:
+                            filling = fill(self.model, filling, prefill_chunk, on_step)
+                        else:
+                            batch, filling = self._join(batch, self._step(filling, on_step)), None
                     if batch is not None:
                         batch = self._step(batch, on_step)
                     self._release(held)
                     running = 0 if batch is None else len(batch.rows)
                     can_join = batch is None or joinable(batch.cache)
                     incoming = admit(running) if admit is not None and can_join else []
-                    if batch is None and not incoming:
+                    if batch is None and filling is None and not waiting and not incoming:
                         return rows
             finally:
                 for r in held.values():
                     self._pins[r.adapter] -= 1
+
+    @staticmethod
+    def _join(batch: Batch | None, fresh: Batch | None) -> Batch | None:
+        return fresh if batch is None else merge(batch, fresh) if fresh is not None else batch
 
     def _release(self, held: dict[int, Row]) -> None:
         for key, r in list(held.items()):
@@ -323,8 +361,8 @@ class AdapterPool:
         if info is not None and info.kind != CAUSAL_LM:
             raise AdapterError(f"{row.adapter!r} is a {info.kind} adapter, not a text-generation adapter")
 
-    def _start(self, rows: list[Row], on_step, held: dict[int, Row]) -> Batch | None:
-        """Prefill new rows (their adapters loaded and pinned): their first token, and a batch ready to step."""
+    def _start(self, rows: list[Row], held: dict[int, Row], chunk: int | None) -> tuple[list[Row], list[Row]]:
+        """Check new rows and load and pin their adapters: (short rows, rows whose prompt is over `chunk`)."""
         for row in rows:
             self._check_row(row)
         self.ensure(r.adapter for r in rows)
@@ -335,9 +373,8 @@ class AdapterPool:
         for r in rows:
             self._pins[r.adapter] = self._pins.get(r.adapter, 0) + 1
             held[id(r)] = r
-        if not rows:
-            return None
-        return self._step(prefill(self.model, rows, self.tokenizer.pad_token_id), on_step)
+        is_long = [chunk is not None and len(r.prompt_ids) > chunk for r in rows]
+        return [r for r, x in zip(rows, is_long) if not x], [r for r, x in zip(rows, is_long) if x]
 
     def _step(self, batch: Batch, on_step) -> Batch | None:
         return step(self.model, batch, self.tokenizer, self.eos_ids, self.context, on_step)

@@ -5,6 +5,9 @@ One worker thread runs every model call. Requests wait in a queue; the worker ta
 for company) and decodes them as one mixed-adapter batch (AdapterPool.generate), streaming each row's
 text back to its request as it grows. Between two decoding steps, requests that arrived meanwhile
 join the running batch (continuous batching) while there is room; rows leave as soon as they finish.
+A prompt longer than `prefill_chunk` tokens is prefilled a chunk at a time between two steps, so it
+delays the running rows by one chunk per step, not by its whole prefill; short prompts that arrive
+meanwhile overtake it. A row past its deadline (the server's time budget) stops with an error.
 Loading, unloading and classification run between batches: while one waits, no new row joins, so
 the running batch drains. A client that disconnects cancels its row, which leaves at the next step.
 """
@@ -49,6 +52,7 @@ class Scheduler:
     pool: AdapterPool
     max_batch: int = 16
     batch_wait_ms: float = 5.0
+    prefill_chunk: int | None = 512  # a longer joining prompt is prefilled this many tokens between two steps
     steps: deque = field(default_factory=lambda: deque(maxlen=100_000))  # adapters of the rows of each forward pass
     finished: deque = field(default_factory=lambda: deque(maxlen=10_000))  # (adapter, finish_reason, tokens)
 
@@ -138,6 +142,10 @@ class Scheduler:
             elif job.row.cancelled:
                 job.row.finish_reason = "cancelled"
                 self.finished.append((job.row.adapter, "cancelled", 0))
+            elif job.row.deadline is not None and time.monotonic() > job.row.deadline:
+                job.row.finish_reason = "timeout"
+                self.finished.append((job.row.adapter, "timeout", 0))
+                self._send(job, "error", "the request waited past this server's time budget before it ran")
             elif job.row.adapter != BASE and job.row.adapter not in self.pool.adapters:
                 self._send(job, "error", f"adapter {job.row.adapter!r} was unloaded before this request ran")
             elif len(running) + len(taken) < self.max_batch and (
@@ -184,14 +192,17 @@ class Scheduler:
                 if row.finish_reason is not None or row.cancelled:
                     reason = row.finish_reason or "cancelled"
                     self.finished.append((row.adapter, reason, len(row.tokens)))
-                    if reason == "error":
+                    if reason == "timeout":
+                        n = len(row.tokens)
+                        self._send(job, "error", f"the request ran past this server's time budget after {n} tokens")
+                    elif reason == "error":
                         self._send(job, "error", row.error)
                     else:
                         self._send(job, "done", None)
                     del running[id(row)]
 
         try:
-            self.pool.generate([j.row for j in first], on_step, admit)
+            self.pool.generate([j.row for j in first], on_step, admit, self.prefill_chunk)
         except Exception as e:
             for job in running.values():
                 job.row.finish_reason = "error"
