@@ -23,13 +23,35 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _old_prefix(out: Path) -> str:
+    return f".{out.name}.old-"
+
+
+def _remove(path: Path) -> None:
+    """A file or a link (never what a link points to), or a folder and all below it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _followed(out: Path) -> Path:
+    """`out`, or the path a link at `out` points to: an output written through a link lands where the link points
+    (on the disk the user chose), and the link stays."""
+    return out.resolve() if out.is_symlink() else out
+
+
 def staging_dir(out: Path) -> Path:
     """A hidden temporary folder beside `out`, with the permissions a plain mkdir would give.
 
     (mkdtemp makes it private, 0700; renamed into place, that would hide outputs from other users.)
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
     tmp.chmod(default_mode(directory=True))
     return tmp
 
@@ -57,21 +79,42 @@ def fsync_tree(folder: Path) -> None:
 
 
 def replace_folder(src: Path, dest: Path) -> None:
-    """Move the complete folder `src` to `dest`, replacing a folder there; the previous one is deleted
-    only once the new one is in place, and put back if the move fails."""
+    """Move the complete folder `src` to `dest`, replacing a folder (or a link) there; the previous one is
+    deleted only once the new one is in place, and put back if the move fails."""
     old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if os.path.lexists(dest):
+        old = dest.parent / f"{_old_prefix(dest)}{os.getpid()}"
         os.replace(dest, old)
     try:
         os.replace(src, dest)
     except BaseException:
-        if old is not None and not dest.exists():
+        if old is not None and not os.path.lexists(dest):
             os.replace(old, dest)
         raise
     fsync_dir(dest.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Clear what a killed write of `out` left beside it: its staging folders and files (`.NAME.partial-*`), and the
+    previous version it had moved aside (`.NAME.old-*`), which is put back if `out` itself is gone.
+
+    Only for a caller that knows no other process is writing `out` now (a training run holds an OS lock per
+    output folder): a live writer's staging folder looks the same. Returns what was done, one line each.
+    """
+    out = _followed(Path(out))
+    if not out.parent.is_dir():
+        return []
+    done = []
+    for path in sorted(out.parent.iterdir()):
+        if path.name.startswith(_old_prefix(out)) and not os.path.lexists(out):
+            os.replace(path, out)  # killed between moving the previous version aside and putting the new one in
+            done.append(f"put {path} back as {out}")
+        elif path.name.startswith((_partial_prefix(out), _old_prefix(out))):
+            _remove(path)
+            done.append(f"removed {path}")
+    return done
 
 
 @contextmanager
@@ -81,8 +124,9 @@ def staged_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
     Without `replace`, `out` may not exist or must be an empty folder (rename(2) replaces those); with
     it, an existing folder is replaced only after the new one is complete, and kept if anything fails.
     On any error the temporary folder is removed and the error raised as is (an OSError for a full disk).
+    A link at `out` is followed: the folder it points to is written, and the link kept.
     """
-    out = Path(out)
+    out = _followed(Path(out))
     tmp = staging_dir(out)
     try:
         yield tmp
@@ -98,10 +142,11 @@ def staged_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
 
 @contextmanager
 def staged_file(out: Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside the file `out`; when the block succeeds, sync it and rename it."""
-    out = Path(out)
+    """Yield a hidden temporary path beside the file `out`; when the block succeeds, sync it and rename it.
+    A link at `out` is followed."""
+    out = _followed(Path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=_partial_prefix(out), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.chmod(default_mode(directory=False))  # mkstemp's 0600 would stay after the rename

@@ -42,3 +42,60 @@ def test_write_text_replaces_whole(tmp_path):
     atomic.write_text(path, "one")
     atomic.write_text(path, "two")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def _killed_mid_write(out, replace=False):
+    """A real process killed (SIGKILL) inside `staged_folder(out)`, as a kill during an adapter's save would be."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\nfrom pathlib import Path\nfrom qtune import atomic\n"
+        f"with atomic.staged_folder(Path({str(out)!r}), replace={replace}) as tmp:\n"
+        "    (tmp / 'adapter_model.safetensors').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+
+
+def test_what_a_killed_write_leaves_is_removed_by_remove_leftovers(tmp_path):
+    out = tmp_path / "adapter"
+    _killed_mid_write(out)
+    assert [p.name.startswith(".adapter.partial-") for p in tmp_path.iterdir()] == [True]
+    (tmp_path / "other").mkdir()  # not this output's: kept
+    assert [line.startswith("removed ") for line in atomic.remove_leftovers(out)] == [True]
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+def test_a_previous_version_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
+    out = tmp_path / "adapter"
+    aside = tmp_path / f".adapter.old-{os.getpid() + 1}"  # killed between the two renames of replace_folder
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    assert atomic.remove_leftovers(out) == [f"put {aside} back as {out}"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (out / "old.txt").read_text() == "old"
+
+
+def test_replacing_through_a_link_writes_the_folder_it_points_to_and_leaves_nothing_beside(tmp_path):
+    real = tmp_path / "disk" / "adapter"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("old")
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "adapter"
+    link.symlink_to(real)
+    with atomic.staged_folder(link, replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and os.listdir(real) == ["new.txt"]
+    assert os.listdir(tmp_path / "out") == ["adapter"] and os.listdir(real.parent) == ["adapter"]
+
+
+def test_replace_folder_over_a_link_replaces_the_link_only(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    (link := tmp_path / "dest").symlink_to(target)
+    (src := tmp_path / "src").mkdir()
+    atomic.replace_folder(src, link)
+    assert sorted(os.listdir(tmp_path)) == ["dest", "target"] and not link.is_symlink()
+    assert (target / "keep.txt").read_text() == "keep"

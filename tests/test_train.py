@@ -140,6 +140,28 @@ def test_crash_during_save_leaves_no_adapter_folder_and_resume_finishes_it(run_c
     assert sorted(p.name for p in adapters.iterdir()) == ["run"]  # the checkpoints went with success
 
 
+def test_a_save_killed_mid_write_leaves_nothing_once_the_next_run_starts(run_cfg, tmp_path):
+    from qtune import train
+    from qtune.train.run import unlock_output
+    from tests.test_atomic import _killed_mid_write
+
+    adapters = tmp_path / "adapters"
+    _killed_mid_write(adapters / "run", replace=True)  # SIGKILL during the final save: a `.run.partial-*` stays
+    assert [p.name.startswith(".run.partial-") for p in adapters.iterdir()] == [True]
+    run = train.start(run_cfg("quant.method=none"))  # holds the output's lock: that staging folder is stale
+    unlock_output(run.out_dir)
+    assert list(adapters.iterdir()) == []
+
+
+def test_overwrite_through_a_link_replaces_the_adapter_it_points_to_and_leaves_nothing_beside(run_cfg, tmp_path):
+    real = sft.main(run_cfg("quant.method=none", "output.name=real", "train.max_steps=1"))
+    before = (real / "adapter_model.safetensors").read_bytes()
+    (link := real.parent / "run").symlink_to(real.name)
+    out = sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.max_steps=1", "train.seed=7"))
+    assert out == link and link.is_symlink() and sorted(p.name for p in real.parent.iterdir()) == ["real", "run"]
+    assert (real / "adapter_model.safetensors").read_bytes() != before and read_meta(link)["training"]["steps"] == 1
+
+
 def test_full_disk_during_save_keeps_the_previous_adapter(run_cfg, tmp_path, monkeypatch):
     out = sft.main(run_cfg("quant.method=none"))
     previous = (out / "adapter_model.safetensors").read_bytes()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qtune import lora, models
+from qtune import atomic, lora, models
 from qtune.config import ConfigError, RunConfig
 from qtune.data import apply_template, describe, hold_out
 from qtune.meta import Labels, new_meta
@@ -206,6 +206,9 @@ def start(cfg: RunConfig) -> Run:
     out_dir = lora.output_dir(cfg)
     if checkpoint.is_main_process():  # (under torchrun / accelerate, rank 0 writes and holds the lock)
         lock_output(out_dir)
+        # Holding the lock, nothing else writes here: a staging folder beside the output is a killed save's.
+        for done in atomic.remove_leftovers(out_dir):
+            print(f"note: a save of {out_dir} was killed; {done}")
     set_seed(cfg.train.seed)
     base_path = models.resolve_base(cfg.model)
     tokenizer = models.load_tokenizer(base_path, cfg.model.trust_remote_code)
