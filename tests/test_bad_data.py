@@ -12,6 +12,7 @@ from qtune.config import load_config
 from qtune.data import DataConfig, DataError, load_examples
 from qtune.lora import read_meta
 from recipes import sft
+from tests.conftest import BOS_TEMPLATE, CHATML, make_tokenizer
 
 CHAT = {"messages": [{"role": "user", "content": "is it good?"}, {"role": "assistant", "content": "yes"}]}
 
@@ -95,8 +96,57 @@ def test_a_one_megabyte_record_is_truncated_and_counted_or_rejected(chatml_token
     # Row 1 lost its completion to truncation (dropped, counted); row 2 was cut to max_length (counted).
     assert report.truncated == 2 and report.dropped_no_target == [1] and [e.row for e in examples] == [2, 3]
     assert all(len(e.input_ids) <= 64 for e in examples)
-    with pytest.raises(DataError, match=r"row 1: \d+ tokens is over data.max_length=64"):
+    with pytest.raises(DataError, match=r"row 1: more than 512 tokens is over data.max_length=64"):
         load_examples(path, chatml_tokenizer, DataConfig(max_length=64, overlong="reject"))
+
+
+def test_a_20_megabyte_record_is_tokenized_only_as_far_as_max_length_needs(chatml_tokenizer, tmp_path, monkeypatch):
+    """A 50 MB line took ~7 GB of tokenizer memory, only to be cut to data.max_length: its start is enough."""
+    from transformers import PreTrainedTokenizerFast
+
+    big = ("the movie was great and the acting was wonderful " * 420_000)[: 20 << 20]
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"prompt": "hello", "completion": big}) + "\n" + '{"prompt": "a", "completion": "b"}\n')
+    longest, call = [0], PreTrainedTokenizerFast.__call__
+
+    def measured(self, text, *args, **kwargs):
+        longest[0] = max([longest[0], *map(len, [text] if isinstance(text, str) else text)])
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", measured)
+    examples, report = load_examples(path, chatml_tokenizer, DataConfig(max_length=64))
+    assert longest[0] < 100_000 and report.truncated == 1 and len(examples[0].input_ids) == 64
+    with pytest.raises(DataError, match=r"row 1: more than 512 tokens is over data.max_length=64"):
+        load_examples(path, chatml_tokenizer, DataConfig(max_length=64, overlong="reject"))
+
+
+@pytest.mark.parametrize("template", [CHATML, BOS_TEMPLATE])
+def test_a_long_record_tokenized_from_its_start_keeps_the_ids_truncation_keeps(template):
+    from qtune.data import encode
+
+    tokenizer = make_tokenizer(template, add_bos=template == BOS_TEMPLATE)
+    long = "the movie was great and the acting was wonderful " * 2000
+    for record in (
+        {"prompt": "hello", "completion": long},
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},
+        {"text": "hello" * 5000},  # no spaces: one long word
+    ):
+        whole, cut = encode(tokenizer, record), encode(tokenizer, record, max_tokens=100)
+        assert len(cut.input_ids) > 100 and cut.input_ids[:100] == whole.input_ids[:100]
+        assert cut.labels[:100] == whole.labels[:100]
+
+
+def test_a_huge_bad_value_is_cut_short_in_the_error(chatml_tokenizer, tmp_path):
+    huge = "x" * (20 << 20)
+    for record, where in (
+        ({"messages": [{"role": huge, "content": "hi"}, {"role": "assistant", "content": "ok"}]}, "messages[0].role"),
+        ({huge: "no known field"}, "cannot tell the format from fields ['xxx"),
+    ):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(DataError) as err:
+            load_examples(path, chatml_tokenizer, DataConfig())
+        assert where in str(err.value) and len(str(err.value)) < 1000
 
 
 def test_data_whose_every_answer_is_truncated_away_says_why_in_its_own_message(chatml_tokenizer, tmp_path):

@@ -138,15 +138,46 @@ def _segments(tokenizer, record: dict) -> tuple[list[tuple[str, bool]], str | No
     raise DataError("chat messages need a base whose tokenizer has a chat template; this one has none")
 
 
-def encode(tokenizer, record: dict, loss_on: str = "assistant") -> Example:
+# How far a long text is tokenized when only its first `max_tokens` ids are used: first as many characters as
+# that many tokens (and a margin) could span, more where that gave too few ids (a tokenizer with long tokens).
+CHARS_PER_TOKEN = 8
+MARGIN = 64  # ids before the cut that are kept out of the result: only the last few can differ from a whole text's
+
+
+def _token_ids(tokenizer, texts: list[str], max_tokens: int | None) -> list[list[int]]:
+    """Each text's token ids, in one batched call (never special tokens: the template wrote them).
+
+    With `max_tokens`, a long text is tokenized from its start only, and gives its first `max_tokens` ids: a 50 MB
+    record tokenized whole takes gigabytes of memory, to be cut to data.max_length anyway.
+    """
+
+    def ids(batch: list[str]) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+    if not texts or max_tokens is None:
+        return ids(texts) if texts else []
+    chars = (max_tokens + MARGIN) * CHARS_PER_TOKEN
+    out = ids([text[:chars] for text in texts])
+    for i, text in enumerate(texts):
+        cut = chars
+        while len(text) > cut and len(out[i]) < max_tokens + MARGIN:
+            cut *= 4
+            out[i] = ids([text[:cut]])[0]
+        if len(text) > cut:
+            out[i] = out[i][:max_tokens]
+    return out
+
+
+def encode(tokenizer, record: dict, loss_on: str = "assistant", max_tokens: int | None = None) -> Example:
     """Tokenize one normalised record into input_ids and labels (-100 where no loss is taken).
 
-    Pieces are tokenized separately, so the prompt tokens equal what generation later sees.
+    Pieces are tokenized separately, so the prompt tokens equal what generation later sees. With `max_tokens`,
+    a record longer than that comes back with more than `max_tokens` ids, but not all of them: only its first
+    `max_tokens` are sure to be the ones it has (what truncation keeps).
     """
     segments, answer = _segments(tokenizer, record)
     texts = [text for text, _ in segments if text]
-    # One batched call; never special tokens here: the template wrote them, and BOS is handled once below.
-    tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    tokenized = iter(_token_ids(tokenizer, texts, None if max_tokens is None else max_tokens + 1))
     ids: list[int] = []
     labels: list[int] = []
     reply_start = None

@@ -60,6 +60,21 @@ COLUMN_FIELDS = (
 _ALIASES = {"response": "completion"}  # the answer: completion, or output next to an instruction (column_fields)
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """A value of a record for an error message, in about `limit` characters: a huge one is never written out whole
+    (a 50 MB string's repr is 50 MB more, kept with every error listed)."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    return type(value).__name__ if isinstance(value, (dict, list)) else repr(value)
+
+
+def _field_names(record: dict, most: int = 20) -> str:
+    """A record's field names for an error message: the first `most`, each as `shown`."""
+    names = sorted(record)
+    more = f", ... ({len(names)} fields)" if len(names) > most else ""
+    return "[" + ", ".join(shown(n) for n in names[:most]) + more + "]"
+
+
 def check_columns(columns: dict[str, str]) -> dict[str, str]:
     """data.columns checked: each key a field of some format (or `response`); an unknown one is a ConfigError."""
     for name in columns:
@@ -85,7 +100,7 @@ def column_fields(columns: dict[str, str], first: Any, row: int, file: str) -> d
     fields = {("output" if alpaca else "completion") if f == "response" else f: c for f, c in columns.items()}
     missing = [f"data.columns.{f}={c}" for f, c in columns.items() if c not in record]
     if isinstance(first, dict) and missing:
-        raise DataError(f"{file}: row {row}: no column {', '.join(missing)}; its columns are {sorted(record)}")
+        raise DataError(f"{file}: row {row}: no column {', '.join(missing)}; its columns are {_field_names(record)}")
     return fields
 
 
@@ -130,7 +145,7 @@ def detect_format(row: int, first: Any, file: str) -> str:
         if all(k in first for k in needed):
             return fmt
     raise DataError(
-        f"{file}: row {row}: cannot tell the format from fields {sorted(first)}; expected one of "
+        f"{file}: row {row}: cannot tell the format from fields {_field_names(first)}; expected one of "
         "`messages` (chat), `conversations` with from/value (sharegpt), `instruction`+`output` (alpaca), "
         "`prompt`+`completion`, or `text`; set data.format, or map your columns with data.columns"
     )
@@ -194,7 +209,8 @@ def _turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) ->
         speaker = m.get(role_key)
         role = roles.get(speaker.strip().lower() if sharegpt else speaker) if isinstance(speaker, str) else None
         if role is None:
-            errors.append(f"row {row}: field `{where}.{role_key}` must be one of {', '.join(roles)}, got {speaker!r}")
+            allowed = ", ".join(roles)
+            errors.append(f"row {row}: field `{where}.{role_key}` must be one of {allowed}, got {shown(speaker)}")
             return None
         calls = m.get("tool_calls") or None  # [] (as many exports write plain turns): no calls
         if calls is not None and not _tool_calls_ok(calls, role, f"{where}.tool_calls", errors, row):

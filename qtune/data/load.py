@@ -64,17 +64,19 @@ class DataReport:
 def _encode_batch(batch: dict[str, list], tokenizer, loss_on: str, max_length: int, overlong: str) -> dict:
     """datasets.map function: tokenize a batch of validated records (JSON text) with their loss masks."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "answer", "status", "error")}
+    counted = COUNTED * max_length  # tokens a record is tokenized to at most: a longer one is cut anyway
     for record in batch["record"]:
         status, error = OK, None
         try:
-            ex = encode(tokenizer, json.loads(record), loss_on)
+            ex = encode(tokenizer, json.loads(record), loss_on, max_tokens=counted)
         except DataError as e:
             ex, status, error = Example([], [], 0), FAILED, str(e)
         if len(ex.input_ids) > max_length:
             if overlong == "reject":
                 status = FAILED
+                count = len(ex.input_ids) if len(ex.input_ids) <= counted else f"more than {counted}"
                 error = (
-                    f"{len(ex.input_ids)} tokens is over data.max_length={max_length} "
+                    f"{count} tokens is over data.max_length={max_length} "
                     "(raise data.max_length, or set data.overlong=truncate)"
                 )
             else:
@@ -92,6 +94,9 @@ def _encode_batch(batch: dict[str, list], tokenizer, loss_on: str, max_length: i
 
 
 OK, TRUNCATED, DROPPED, FAILED = 0, 1, 2, 3
+# A record is tokenized to at most COUNTED x data.max_length tokens (its count in a data.overlong=reject error is
+# exact up to there): a 50 MB one tokenized whole would take gigabytes, to be cut to data.max_length anyway.
+COUNTED = 8
 
 
 def _tokenized_features():
