@@ -1,4 +1,7 @@
-"""`qtune <verb>`: parses arguments, calls the library, prints. Errors print one clear line and exit 2."""
+"""`qtune <verb>`: parses arguments, calls the library, prints.
+
+A qtune error prints one clear line and exits 2; any other failure prints one line naming the verb and its
+input and exits 1 (`qtune --debug VERB ...` or QTUNE_DEBUG=1 prints the traceback); Ctrl-C exits 130."""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -248,8 +253,19 @@ def cmd_push(args) -> None:
     print(f"pushed {args.adapter} to {result.url} ({args.revision or 'main'}, {commit})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one `error:` line like every other error (subparsers inherit it)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {' '.join(message.split())} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qtune", description=__doc__)
+    parser = _Parser(prog="qtune", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="print the full traceback of an error (also: QTUNE_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="run the recipe a config names: qtune train CONFIG [key=value ...]")
@@ -377,15 +393,95 @@ def _positive_int(flag: str):
     return parse
 
 
+# What a one-line error names as the verb's input: the first of these arguments the verb has.
+SUBJECT_ARGS = ("adapter", "config", "model", "name", "adapters", "base")
+MAX_MESSAGE = 300  # characters of an unexpected exception's message kept on its one line
+
+
+def _subject(args: argparse.Namespace) -> str:
+    """`qtune VERB INPUT`: the verb and the input it was given, for a one-line error."""
+    subject = next((getattr(args, a) for a in SUBJECT_ARGS if getattr(args, a, None) is not None), None)
+    return f"qtune {args.verb}" + (f" {subject}" if subject is not None else "")
+
+
+def _one_line(error: BaseException) -> str:
+    """An unexpected exception as `Type: message` on one line, cut to MAX_MESSAGE characters."""
+    text = " ".join(str(error).split())
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# Arguments that are text, not paths (a file name need not be UTF-8), and the flag a user typed for each.
+TEXT_ARGS = {
+    "prompt": "--prompt",
+    "text": "--text",
+    "name": "NAME",
+    "repo_id": "REPO_ID",
+    "revision": "--revision",
+    "license": "--license",
+    "dataset": "--dataset",
+    "base_model": "--base-model",
+    "targets": "--targets",
+    "token": "--token",
+    "host": "--host",
+}
+
+
+def _refused_argument(args: argparse.Namespace) -> str | None:
+    """Why an argument argparse accepted cannot be used, or None: text that is not UTF-8, a port out of range."""
+    for dest, flag in TEXT_ARGS.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            bad = next((i for i, c in enumerate(value or "") if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                continue
+            # Python hands a byte of the command line that is not UTF-8 over as a surrogate \udc80-\udcff.
+            char = value[bad]
+            what = f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff" else ascii(char)
+            return f"{flag} is not UTF-8 text ({what} at position {bad})"
+    port = getattr(args, "port", None)
+    if port is not None and not 1 <= port <= 65535:
+        return f"--port must be 1-65535, got {port}"
+    return None
+
+
+def _debug_env() -> bool:
+    return os.environ.get("QTUNE_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one verb. A qtune error is its own line (exit 2); anything else is one line naming the verb and
+    its input (exit 1), with the traceback under --debug or QTUNE_DEBUG=1; Ctrl-C is one line (exit 130)."""
     from qtune.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or _debug_env()
+    refused = _refused_argument(args)
+    if refused:
+        print(f"error: qtune {args.verb}: {refused}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         args.func(args)
     except USER_ERRORS as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Nothing half-written is left: outputs go through qtune.atomic, and a checkpoint is promoted only
+        # when complete, so an interrupted training run continues from its last one.
+        if debug:
+            traceback.print_exc()
+        resume = " (add resume=auto to continue from its last complete checkpoint)" if args.verb == "train" else ""
+        print(f"error: {_subject(args)}: interrupted{resume}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:  # a bug or an input no check foresaw: still one line, never a traceback by default
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"error: {_subject(args)}: {_one_line(e)}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

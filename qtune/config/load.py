@@ -119,7 +119,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"`{key}` must be a string; got {value!r}")
-        return str(value)
+        text = str(value)
+        # "\ud800" in JSON (a qtune.json) or a non-UTF-8 byte on a command line: valid Python, but no tokenizer
+        # takes it and no file can hold it.
+        bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise ConfigError(f"`{key}` is not UTF-8 text: a lone surrogate {ascii(text[bad])} at position {bad}")
+        return text
     raise ConfigError(f"`{key}` has an unsupported type {tp}")
 
 
@@ -204,12 +210,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: give the YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        values = {} if values is None else values  # an empty file: the defaults ([] or "" is not a config)
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, ...)")
     values = _merge(values, parse_overrides(overrides or []))

@@ -21,7 +21,7 @@ from qtune.errors import AdapterError
 from qtune.hub.card import base_hub_id, public_meta, render_card
 from qtune.hub.resolve import CARD_FILE, HubError, brief_error, hub_endpoint, hub_offline, parse_repo_id
 from qtune.lora import check_weights
-from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, read_meta
+from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterMeta, read_meta
 
 # The adapter files a push uploads (when present), besides the model card.
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, META_FILE, "loss.png", "confusion.png")
@@ -51,9 +51,18 @@ class PushResult:
 
 
 def _read_checked(adapter_dir: Path) -> dict:
-    """qtune.json as written, after refusing a corrupt adapter_model.safetensors (as a HubError: nothing is
-    staged or uploaded from it). A missing or incomplete folder is an AdapterError naming the file."""
+    """qtune.json as written, after refusing what no verb could load back: a missing or incomplete folder, a
+    qtune.json that does not parse, an adapter_config.json that is not a JSON object (an AdapterError naming the
+    file), a corrupt adapter_model.safetensors (a HubError). Nothing is staged or uploaded from such a folder."""
     meta = read_meta(adapter_dir)
+    AdapterMeta.from_json(meta, str(adapter_dir / META_FILE))  # what every verb that loads it will parse
+    config = adapter_dir / ADAPTER_CONFIG
+    try:
+        peft_config = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as e:  # (a UnicodeDecodeError too)
+        raise AdapterError(f"{config}: not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(peft_config, dict):
+        raise AdapterError(f"{config}: must hold a JSON object, got a {type(peft_config).__name__}")
     try:
         check_weights(adapter_dir)
     except AdapterError as e:
