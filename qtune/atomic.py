@@ -96,6 +96,19 @@ def replace_folder(src: Path, dest: Path) -> None:
         _remove(old)
 
 
+def unwritable(out: Path) -> str | None:
+    """Why `out` cannot be written, or None: the nearest existing folder above it is a file, or not writable.
+    (Checked before slow work, so that a run does not fail at its end.)"""
+    parent = _followed(Path(out)).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def remove_leftovers(out: Path) -> list[str]:
     """Clear what a killed write of `out` left beside it: its staging folders and files (`.NAME.partial-*`), and the
     previous version it had moved aside (`.NAME.old-*`), which is put back if `out` itself is gone.

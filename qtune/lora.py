@@ -52,8 +52,13 @@ def output_dir(cfg: RunConfig) -> Path:
     if Path(name).name != name or name in (".", ".."):
         raise AdapterError(f"output.name must be a plain folder name, got {name!r}")
     out = Path(cfg.output.dir) / name
+    if out.exists() and not out.is_dir():  # (overwrite replaces an adapter folder, never a file)
+        raise AdapterError(f"{out} is a file, not an adapter folder: pick another output.name or output.dir")
     if out.exists() and not cfg.output.overwrite:
         raise AdapterError(f"{out} already exists: pick another output.name, or set output.overwrite=true")
+    problem = atomic.unwritable(out)
+    if problem:
+        raise AdapterError(f"cannot write {out}: {problem}; set output.dir to a folder you can write")
     return out
 
 

@@ -6,6 +6,7 @@ and a tiny random Qwen2 (tied embeddings, attention biases), once per module.
 
 import errno
 import json
+import re
 import shutil
 
 import pytest
@@ -206,6 +207,38 @@ def test_full_disk_leaves_nothing_behind(trained, tmp_path, monkeypatch, verb):
     with pytest.raises(ExportError, match="nothing was written: .*No space left on device"):
         run()
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["merge", "gguf", "gguf-lora", "peft"])
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_merge(trained, tmp_path, verb, case):
+    import os
+
+    work = tmp_path / "work"
+    out = work / ("out.gguf" if verb == "gguf-lora" else "out")
+    if case == "a file":  # (empty: a folder output's rename over it would fail only at the end)
+        if verb == "gguf-lora":
+            pytest.skip("a file is what gguf-lora writes")
+        work.mkdir()
+        out.write_text("")
+        message = f"{out} is a file: give a new folder path as the output (OUT)"
+    elif case == "under a file":
+        work.write_text("mine")
+        message = f"cannot write {out}: {work} is a file, not a folder; give an output path (OUT)"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        work.mkdir(mode=0o555)
+        message = f"cannot write {out}: {work} is not writable; give an output path (OUT)"
+    adapter = trained["llama-none"]
+    run = {
+        "merge": lambda: export.merge(adapter, out),
+        "gguf": lambda: gguf_export.export_gguf(adapter, out),
+        "gguf-lora": lambda: gguf_export.export_gguf_lora(adapter, out),
+        "peft": lambda: export.export_peft(adapter, out),
+    }[verb]
+    with pytest.raises(ExportError, match=re.escape(message)):
+        run()
 
 
 def test_merge_into_quantized_warns_and_stays_quantized(trained, tmp_path):

@@ -1,6 +1,7 @@
 """A few real training steps on a tiny random Llama: nf4, int8 and 16-bit; the adapter folder contract."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -108,6 +109,34 @@ def test_existing_output_is_refused_before_training(run_cfg):
     with pytest.raises(AdapterError, match="already exists"):
         sft.main(cfg)
     assert list(cfg_out.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(run_cfg, tmp_path, monkeypatch, case):
+    import os
+
+    adapters = tmp_path / "adapters"
+    if case == "a file":  # even with overwrite: it replaces an adapter folder, never a user's file
+        adapters.mkdir()
+        (adapters / "run").write_text("mine")
+        message = f"{adapters / 'run'} is a file, not an adapter folder: pick another output.name or output.dir"
+    elif case == "under a file":
+        adapters.write_text("mine")
+        message = f"cannot write {adapters / 'run'}: {adapters} is a file, not a folder; set output.dir"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        adapters.mkdir(mode=0o555)
+        message = f"cannot write {adapters / 'run'}: {adapters} is not writable; set output.dir"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sft.models, "load_base", no_model)
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        sft.main(run_cfg("quant.method=none", "output.overwrite=true"))
+    if case == "a file":
+        assert (adapters / "run").read_text() == "mine"
 
 
 def test_bad_data_fails_before_anything_is_written(run_cfg, tmp_path):

@@ -285,7 +285,7 @@ def export_gguf_lora(adapter_dir: str | Path, out_file: str | Path) -> Path:
     adapter_dir, out_file = Path(adapter_dir), Path(out_file)
     source = read_source(adapter_dir)
     config, tensors = source.config, source.tensors
-    refuse_existing(out_file)
+    refuse_existing(out_file, folder=False)
     base_config = source.base_config
     arch = _gguf_arch(base_config)
     for problem, flag in (

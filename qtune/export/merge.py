@@ -35,8 +35,16 @@ MERGE_FILE = "qtune_merge.json"
 # ---------------------------------------------------------------- outputs
 
 
-def refuse_existing(out: Path, adapter_fp: str | None = None) -> None:
-    """Refuse an output path that exists and is not an empty folder; name a repeated merge as such."""
+def refuse_existing(out: Path, adapter_fp: str | None = None, *, folder: bool = True) -> None:
+    """Refuse an output path that exists and is not an empty folder (an empty file, for a `folder=False` output),
+    or that cannot be written; name a repeated merge as such. Called before the slow work."""
+    if folder and out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: give a new folder path as the output (OUT)")
+    if not folder and out.is_dir():
+        raise ExportError(f"{out} is a folder; give a file name ending in .gguf as the output (OUT)")
+    problem = atomic.unwritable(out)
+    if problem:
+        raise ExportError(f"cannot write {out}: {problem}; give an output path (OUT) in a folder you can write")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())) or (out.is_file() and not out.stat().st_size):
         return
     record = out / MERGE_FILE
@@ -53,9 +61,7 @@ def refuse_existing(out: Path, adapter_fp: str | None = None) -> None:
 @contextmanager
 def staged(out: Path, *, folder: bool = True) -> Iterator[Path]:
     """An export's output, written whole or not at all (qtune.atomic); a write error says nothing was written."""
-    refuse_existing(out)
-    if not folder and out.is_dir():
-        raise ExportError(f"{out} is a folder; give a file name ending in .gguf")
+    refuse_existing(out, folder=folder)
     try:
         with atomic.staged_folder(out) if folder else atomic.staged_file(out) as tmp:
             yield tmp
