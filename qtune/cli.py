@@ -225,6 +225,9 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch,
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens,
+        max_body=args.max_body,
+        request_timeout=args.request_timeout,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int("--max-batch"), default=16, help="rows decoded together")
     p.add_argument("--max-tokens-limit", type=_positive_int("--max-tokens-limit"), default=512, help="per request")
     p.add_argument("--max-prompt-tokens", type=_positive_int("--max-prompt-tokens"), default=None, help="per request")
+    p.add_argument("--max-body", default="4MB", help="largest request body read; a larger one is a 413")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (0: none)")
+    p.add_argument("--prefill-chunk", type=_positive_int("--prefill-chunk"), default=512, help="prompt tokens per step")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")

@@ -146,7 +146,10 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """Load the tokenizer of a base folder and make sure it can pad."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:  # a missing, binary or non-object tokenizer or config file
+        raise ModelError(f"{path}: cannot load the tokenizer: {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -171,6 +174,7 @@ def load_base(
     AutoModelForCausalLM; `skip_modules` are left unquantized (and trained in fp32); `model_kwargs`
     go to `from_pretrained` (e.g. num_labels, id2label).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
@@ -190,7 +194,7 @@ def load_base(
             use_safetensors=True,  # never unpickle weights
             **model_kwargs,
         )
-    except (OSError, ValueError) as e:  # no safetensors weights, an unknown architecture, a broken config
+    except (OSError, ValueError, TypeError, SafetensorError) as e:  # no or truncated weights, a broken config
         raise ModelError(f"{path}: cannot load the base model: {e}") from None
     if train is not None:
         # The base stays frozen and in the compute dtype; peft makes only the adapters trainable (in fp32).
