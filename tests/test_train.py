@@ -231,6 +231,30 @@ def test_full_disk_during_a_checkpoint_keeps_the_complete_ones(run_cfg, tmp_path
     assert read_meta(out)["training"]["resumed_from_step"] == 1
 
 
+def test_a_bare_exception_while_writing_a_checkpoint_says_free_space_then_resume(run_cfg, tmp_path, monkeypatch):
+    """The tokenizers library reports a full disk as a bare Exception, not an OSError."""
+    from transformers import PreTrainedTokenizerFast
+
+    real_save = PreTrainedTokenizerFast.save_pretrained
+
+    def full_on_second(self, save_directory, *args, **kwargs):
+        if "checkpoint-2" in str(save_directory):
+            raise Exception("No space left on device (os error 28)")
+        return real_save(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full_on_second)
+    with pytest.raises(TrainingError) as err:
+        sft.main(run_cfg("quant.method=none", "train.save_every=1"))
+    assert re.search(
+        r"while writing checkpoint-2: Exception: No space left on device \(os error 28\)\. Complete checkpoints in "
+        r".*run\.checkpoints: checkpoint-1; .*free .*then resume=auto continues from the newest",
+        str(err.value),
+    )
+    monkeypatch.undo()
+    out = sft.main(run_cfg("quant.method=none", "train.save_every=1", "resume=auto"))
+    assert read_meta(out)["training"]["resumed_from_step"] == 1
+
+
 def test_adapter_refuses_a_different_base(run_cfg, tmp_path, tiny_model_dir):
     out = sft.main(run_cfg("quant.method=none"))
     # Change one weight of the base on disk: the fingerprint no longer matches.

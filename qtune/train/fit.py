@@ -20,12 +20,20 @@ def fit(trainer, resume_from: Path | None, run: dict):
         return _restore_finished(trainer, resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except OSError as e:  # a full disk or a lost mount, most likely while writing a checkpoint
+    except Exception as e:
+        # A checkpoint is written into .incoming and moved out once complete: one still there failed mid-write,
+        # whatever the error's type (the tokenizers library reports a full disk as a bare Exception).
+        writing = sorted(Path(trainer.args.output_dir).glob("checkpoint-*"), key=checkpoint.step_of)
+        if not (isinstance(e, OSError) or writing):
+            raise
         folder = Path(trainer.args.output_dir).parent
         kept = [p.name for p in checkpoint.complete(folder)]
+        where = f" while writing {writing[-1].name}" if writing else ""
+        reason = e if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         raise TrainingError(
-            f"training stopped on an OS error at step {trainer.state.global_step}: {e}. Complete checkpoints in "
-            f"{folder}: {', '.join(kept) or 'none'}; free the space, then resume=auto continues from the newest"
+            f"training stopped at step {trainer.state.global_step}{where}: {reason}. Complete checkpoints in "
+            f"{folder}: {', '.join(kept) or 'none'}; free disk space if it is full (the usual cause), then "
+            "resume=auto continues from the newest"
         ) from e
     stopped = trainer.qtune_guard.stopped
     if stopped:
