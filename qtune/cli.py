@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m, a local HF folder, or a hub id")
     p.add_argument("--adapters", default=None, help="folder whose subfolders are adapters (model name = subfolder)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback needs --token")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4", help="how the base is stored")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--token", default=None, help="bearer token for the admin routes (default: $QTUNE_SERVE_TOKEN)")
@@ -384,6 +384,12 @@ def _loads_adapter(p: argparse.ArgumentParser, func, what: str = ADAPTER_ARG) ->
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_CODE)
     p.set_defaults(func=func)
     return p
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1-65535, got {text!r}")
+    return int(text)
 
 
 def _positive_int(flag: str):
@@ -435,7 +441,7 @@ TEXT_ARGS = {
 
 
 def _refused_argument(args: argparse.Namespace) -> str | None:
-    """Why an argument argparse accepted cannot be used, or None: text that is not UTF-8, a port out of range."""
+    """Why an argument argparse accepted cannot be used, or None: text that is not UTF-8."""
     for dest, flag in TEXT_ARGS.items():
         values = getattr(args, dest, None)
         for value in values if isinstance(values, list) else [values]:
@@ -446,9 +452,6 @@ def _refused_argument(args: argparse.Namespace) -> str | None:
             char = value[bad]
             what = f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff" else ascii(char)
             return f"{flag} is not UTF-8 text ({what} at position {bad})"
-    port = getattr(args, "port", None)
-    if port is not None and not 1 <= port <= 65535:
-        return f"--port must be 1-65535, got {port}"
     return None
 
 
