@@ -127,6 +127,37 @@ def test_partial_checkpoints_are_never_resumed(run_args, tmp_path):
     assert not (folder / checkpoint.INCOMING).exists()
 
 
+def test_a_checkpoint_that_is_a_link_is_refused_by_name_before_the_model_loads(run_args, tmp_path, monkeypatch):
+    """Its files come from elsewhere: this run's run.json says nothing about them."""
+    first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
+    sft.main(load_config(None, first))
+    folder = checkpoint.root(load_config(None, first))
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "checkpoint-4").rename(tmp_path / "elsewhere" / "checkpoint-4")
+    (folder / "checkpoint-4").symlink_to(tmp_path / "elsewhere" / "checkpoint-4")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sft.models, "load_base", no_model)
+    link = re.escape(f"{folder / 'checkpoint-4'} is a link to {tmp_path / 'elsewhere' / 'checkpoint-4'}: a run resumes")
+    for resume in ("resume=auto", "resume=checkpoint-4"):
+        with pytest.raises(ConfigError, match=link):
+            sft.main(load_config(None, [*first, "output.overwrite=true", resume]))
+
+
+def test_a_checkpoint_folder_that_is_a_link_to_another_disk_is_followed(run_args, tmp_path):
+    first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
+    (disk := tmp_path / "big-disk" / "run.checkpoints").mkdir(parents=True)
+    (tmp_path / "adapters").mkdir()
+    (link := tmp_path / "adapters" / "run.checkpoints").symlink_to(disk)
+    sft.main(load_config(None, first))
+    assert sorted(p.name for p in disk.iterdir()) == ["checkpoint-2", "checkpoint-4", "finished", "run.json"]
+    again = [*first, "output.overwrite=true", "resume=auto", "output.keep_checkpoints=false"]
+    assert read_meta(sft.main(load_config(None, again)))["training"]["resumed_from_step"] == 4
+    assert link.is_symlink() and list(disk.iterdir()) == []  # the run's checkpoints went; the user's link stays
+
+
 def test_resume_compares_data_by_content_not_by_how_its_path_is_written(run_args, tmp_path, monkeypatch):
     first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
     out = sft.main(load_config(None, first))

@@ -137,6 +137,7 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
     read with torch.load(weights_only=True) by transformers): a folder from elsewhere is refused.
     """
     folder = root(cfg)
+    _check_links(folder)
     found = complete(folder)
     if cfg.resume is None:
         if found and (folder / FINISHED).is_file():
@@ -183,12 +184,42 @@ def prepare(cfg: RunConfig, run: dict[str, Any]) -> Path | None:
     return checkpoint
 
 
+def _check_links(folder: Path) -> None:
+    """Refuse, before any model is loaded, a checkpoint folder that cannot be used: the run's folder is a file or a
+    link to nothing, or a checkpoint in it is a link. (The run's folder may be a link to another disk: it is followed.)
+    A linked checkpoint is refused because its files come from elsewhere, unchecked by this run's run.json."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        what = f"a link to {os.readlink(folder)}, which is not a folder" if folder.is_symlink() else "a file"
+        raise ConfigError(
+            f"{folder} is {what}: the run's checkpoints are written there; remove it, or make it a folder"
+        )
+    links = sorted(p for p in folder.iterdir() if p.is_symlink() and _NAME.match(p.name)) if folder.is_dir() else []
+    if links:
+        raise ConfigError(
+            f"{links[0]} is a link to {os.readlink(links[0])}: a run resumes only from the checkpoints it wrote into "
+            f"{folder}; put the checkpoint folder itself there in place of the link, or delete the link"
+        )
+
+
+def _clear(folder: Path) -> None:
+    """Remove the run's checkpoint folder; where it is a link (checkpoints kept on another disk), keep the link and
+    empty the folder it points to."""
+    if not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def start(folder: Path, run: dict[str, Any]) -> None:
     """Right before step 0 of a fresh run: an empty checkpoint folder holding run.json (what `prepare` checks)."""
     if not is_main_process():  # under torchrun, rank 0 alone prepares the folder
         return
-    shutil.rmtree(folder, ignore_errors=True)  # only partial leftovers can be here: complete ones were refused
-    folder.mkdir(parents=True)
+    _clear(folder)  # only partial leftovers can be here: complete ones were refused
+    folder.mkdir(parents=True, exist_ok=True)
     atomic.write_text(folder / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
 
 
@@ -210,4 +241,4 @@ def finish(cfg: RunConfig) -> None:
         shutil.rmtree(folder / INCOMING, ignore_errors=True)
         (folder / FINISHED).write_text("the adapter of this run was written; these checkpoints are kept\n")
     else:
-        shutil.rmtree(folder, ignore_errors=True)
+        _clear(folder)
