@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,6 +137,11 @@ def read_source(adapter_dir: str | Path) -> Source:
         ) from None
     if not tensors:
         raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} holds no tensors: restore it or train again")
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{adapter_dir / ADAPTER_CONFIG} must hold a JSON object, got a {type(config).__name__}: "
+            "restore it or train again"
+        )
     return Source(adapter_dir, meta, config, tensors)
 
 
@@ -222,6 +228,7 @@ def merge(
     base whose fingerprint differs from the adapter's qtune.json.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    _check_shard_size(max_shard_size)
     source = read_source(adapter_dir)  # fail on a bad adapter before the slow part
     adapter_fp = adapter_fingerprint(adapter_dir)
     refuse_existing(out_dir, adapter_fp)
@@ -244,6 +251,18 @@ def merge(
         (tmp / "README.md").write_text(_model_card(source, record))
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+_SHARD_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*[KMGT]B\s*", re.IGNORECASE)  # what transformers reads
+
+
+def _check_shard_size(size: str | int) -> None:
+    """Refuse a --max-shard-size transformers cannot read (it would fail after the merge), or one of zero."""
+    match = _SHARD_SIZE.fullmatch(str(size))
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return
+    if not match or not float(match.group(1)) > 0:
+        raise ExportError(f"--max-shard-size must be a positive size such as 2GB or 500MB, got {size!r}")
 
 
 def _model_card(source: Source, record: dict[str, Any]) -> str:
