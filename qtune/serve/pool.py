@@ -296,12 +296,13 @@ class AdapterPool:
         `prefill_chunk`: a joining prompt longer than this is run into its cache `prefill_chunk` tokens at a time,
         one chunk between two steps of the running batch, so a long prompt delays the running rows by one chunk
         per token rather than by its whole prefill (None: every prompt in one pass). Short prompts that arrive
-        meanwhile join at once; long ones wait for the one filling to finish.
+        meanwhile join at once; long ones wait for the one filling to finish. Once filled, long rows decode in
+        a lane of their own, so the short rows' steps are not padded to a long history.
         """
         with self._lock:
             held: dict[int, Row] = {}  # rows running: their adapters are pinned (never evicted under them)
             try:
-                batch = filling = None
+                batch = filling = slow = None  # slow: the rows of long prompts, decoded in their own lane
                 incoming, waiting, first = list(rows), [], True
                 while True:
                     if incoming:
@@ -316,12 +317,9 @@ class AdapterPool:
                                 on_step(incoming)
                             short, long = [], []
                         waiting += long
-                        fresh = (
-                            self._step(prefill(self.model, short, self.tokenizer.pad_token_id), on_step)
-                            if short
-                            else None
-                        )
-                        batch = self._join(batch, fresh)
+                        if short:
+                            fresh = self._step(prefill(self.model, short, self.tokenizer.pad_token_id), on_step)
+                            batch = self._join(batch, fresh)
                     first = False
                     if filling is None and waiting:
                         filling, waiting = prefill(self.model, waiting, self.tokenizer.pad_token_id), []
@@ -329,14 +327,16 @@ class AdapterPool:
                         if pending(filling) > prefill_chunk:
                             filling = fill(self.model, filling, prefill_chunk, on_step)
                         else:
-                            batch, filling = self._join(batch, self._step(filling, on_step)), None
+                            slow, filling = self._join(slow, self._step(filling, on_step)), None
                     if batch is not None:
                         batch = self._step(batch, on_step)
+                    if slow is not None:
+                        slow = self._step(slow, on_step)
                     self._release(held)
-                    running = 0 if batch is None else len(batch.rows)
-                    can_join = batch is None or joinable(batch.cache)
+                    running = sum(len(b.rows) for b in (batch, slow) if b is not None)
+                    can_join = all(b is None or joinable(b.cache) for b in (batch, slow))
                     incoming = admit(running) if admit is not None and can_join else []
-                    if batch is None and filling is None and not waiting and not incoming:
+                    if batch is None and slow is None and filling is None and not waiting and not incoming:
                         return rows
             finally:
                 for r in held.values():
