@@ -6,3 +6,5 @@ them, and `qtune <verb>` is the command line. docs/architecture.md is the map.
 """
 
 __version__ = "0.1.0"
+# The name pip installs qtune under (`qtune` on PyPI is another project); the import name stays `qtune`.
+DISTRIBUTION = "qtune-lora"

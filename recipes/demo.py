@@ -16,7 +16,8 @@ from pathlib import Path
 
 from qtune import data, evaluate, lora, models
 from qtune.config import load_config
-from recipes import sft, vader
+
+from . import sft, vader  # relative: recipes/ in the repo is qtune.recipes once installed
 
 CONFIG = Path(__file__).parent / "configs" / "smollm2_sentiment.yaml"
 VADER_SDIST = Path("data/downloads/vaderSentiment-3.3.2.tar.gz")

@@ -1,11 +1,15 @@
-"""The command line as a user runs it: train (built-in and copied recipe), cp, generate, eval, errors."""
+"""The command line as a user runs it: train (built-in and copied recipe), cp, generate, eval, errors; --version,
+--help, ls, config, train --show-config; and how pyproject.toml installs qtune and its recipes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from qtune.cli import main
 from tests.test_train import ROWS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
@@ -238,3 +242,149 @@ def test_counts_on_the_command_line_must_be_positive(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- CLI habits: --version, --help, ls, config
+
+
+def _exit_code(argv: list[str]) -> int | str | None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return exit_.value.code
+
+
+def test_version_is_the_installed_distribution_else_the_source_tree(capsys, monkeypatch):
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out == f"qtune {importlib.metadata.version(pyproject['name'])}\n"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out == f"qtune {pyproject['version']}\n"
+
+
+def test_help_lists_each_verb_on_one_line_and_ends_with_an_example(capsys, monkeypatch):
+    from qtune.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: argparse wraps help at the terminal's width
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for verb in build_parser()._subparsers._group_actions[0].choices:
+        (line,) = [line for line in lines if line.split()[:1] == [verb]]
+        assert len(line.split()) > 2, line  # the verb and its help, on one line
+    last = [line.split()[:2] for line in lines[-3:]]
+    assert last == [["qtune", "new"], ["qtune", "train"], ["qtune", "serve"]], out
+
+
+def test_ls_lists_recipes_configs_and_models(capsys):
+    from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
+    from qtune.plan import BUILTIN
+
+    main(["ls"])
+    out = capsys.readouterr().out
+    assert "  sft          Supervised fine-tuning with (Q)LoRA" in out
+    assert "  classify     " in out
+    configs = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        description = path.read_text().splitlines()[0].lstrip("# ")
+        assert f"  {path.name}" in out and description in out
+    for name in (EMBEDDED_ALIAS, ENCODER_ALIAS, *BUILTIN):
+        assert name in out
+
+
+def test_config_prints_every_key_with_its_default_and_help(capsys):
+    from qtune.config import valid_keys
+
+    main(["config"])
+    out = capsys.readouterr().out
+    for key in valid_keys():
+        assert f"\n{key}: " in out or out.startswith(f"{key}: ")
+    assert "# train: Optimisation." in out
+    assert "data.train[].weight: float = 1.0" in out  # a data.train source's fields too
+
+    main(["config", "train.lr"])
+    assert capsys.readouterr().out == "train.lr: float = 0.0002\n    Peak learning rate.\n"
+    main(["config", "quant"])
+    out = capsys.readouterr().out
+    assert out.startswith("# quant: ") and "quant.method: nf4 | fp4 | int8 | none = nf4\n" in out
+    assert {line.split(":")[0] for line in out.splitlines() if line[:1].isalpha()} == {
+        "quant.method",
+        "quant.double_quant",
+    }
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("train.lrr", "unknown config key `train.lrr`; did you mean `train.lr`"),
+        ("lora.rnak", "did you mean `lora.r`"),
+        ("optimizer", "`train.optim`"),
+        ("zzzz.qqqq", "unknown config key `zzzz.qqqq`; `qtune config` lists every key"),
+    ],
+)
+def test_config_unknown_key_is_one_line_with_close_matches(capsys, key, message):
+    assert _exit_code(["config", key]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_train_show_config_prints_the_resolved_config_and_trains_nothing(workspace, capsys):
+    import yaml
+
+    from qtune.config import load_config
+
+    main(["train", "run.yaml", "lora.r=2", "train.lr=3e-4", "--show-config"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("# the resolved config of `qtune train run.yaml lora.r=2 train.lr=3e-4` (recipe: sft)")
+    values = yaml.safe_load(printed)
+    assert values["lora"]["r"] == 2 and values["train"]["lr"] == 3e-4 and values["output"]["name"] == "run"
+    (workspace / "resolved.yaml").write_text(printed)
+    assert load_config("resolved.yaml") == load_config("run.yaml", ["lora.r=2", "train.lr=3e-4"])
+    main(["train", "--show-config", "run.yaml", "lora.r=3"])
+    assert yaml.safe_load(capsys.readouterr().out)["lora"]["r"] == 3
+    assert not (workspace / "adapters").exists()
+    assert _exit_code(["train", "run.yaml", "lora.rr=3", "--show-config"]) == 2
+    assert "did you mean `lora.r`" in capsys.readouterr().err
+
+
+def test_serve_without_its_extra_names_the_extra(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: `import uvicorn` raises ImportError
+    assert _exit_code(["serve", "--adapters", "adapters"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: qtune serve needs uvicorn: pip install 'qtune-lora[serve]'\n"
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_pyproject_installs_every_package_and_recipes_under_qtune():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    tree = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "qtune").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == tree | {"qtune.recipes", "qtune.recipes.configs"}
+    assert setuptools["package-dir"] == {"qtune.recipes": "recipes"}
+    assert not any(p == "recipes" or p.startswith("recipes.") for p in setuptools["packages"])
+    # `make test` installs .[dev]: it brings every other extra, so the tests exercise them all.
+    extras = project["project"]["optional-dependencies"]
+    name = project["project"]["name"]
+    (bundle,) = [r for r in extras["dev"] if r.startswith(f"{name}[")]
+    assert set(bundle[len(name) + 1 : -1].split(",")) == set(extras) - {"dev"}
+
+
+def test_the_built_in_recipes_load_as_qtune_recipes():
+    from qtune import cli
+
+    package, folder = cli._recipes()
+    assert package == "qtune.recipes" and folder.resolve() == (REPO / "recipes").resolve()
+    assert cli._recipe_main("sft").__module__ == "qtune.recipes.sft"

@@ -125,6 +125,8 @@ TRAIN = _cases(
         ("output-dir-is-a-file", ["<run.yaml>", "output.dir=<out-file>"]),
         *((f"data-{d.strip('<>')}", ["<run.yaml>", f"data.train={d}"]) for d in DATA_CORPUS),
         ("data-surrogate", ["<run.yaml>", "data.train=<surrogate.jsonl>"]),
+        ("show-config-unknown-key", ["<run.yaml>", "train.lrr=1", "--show-config"]),
+        ("show-config-config-missing", ["<missing>", "--show-config"]),
     ],
 )
 CP = _cases(
@@ -251,7 +253,17 @@ PUSH = [
         ],
     ),
 ]
-CORPUS = [*TRAIN, *CP, *GENERATE, *EVAL, *PREDICT, *PLAN, *MERGE, *EXPORT, *SERVE, *PUSH]
+LS = _cases("ls", [("extra-argument", ["sft"])])
+CONFIG = _cases(
+    "config",
+    [
+        ("unknown-key", ["train.lrr"]),
+        ("unknown-section", ["nope"]),
+        ("key-surrogate", ["train.\udcff"]),
+        ("two-keys", ["train.lr", "lora.r"]),
+    ],
+)
+CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *MERGE, *EXPORT, *SERVE, *PUSH]
 
 
 def test_the_corpus_covers_every_verb():

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtune.errors import USER_ERRORS, AdapterError, ConfigError
+from qtune import DISTRIBUTION
+from qtune.errors import USER_ERRORS, AdapterError, ConfigError, MissingExtraError
 from qtune.meta import CLASSIFIER
 from qtune.serve.decode import Row
 from qtune.serve.openai_api import (
@@ -332,7 +333,13 @@ def serve(
     An adapter folder under `adapters_dir` that cannot be served (truncated weights, a bad qtune.json, another
     base) is skipped with its reason in the log and in GET /v1/models; the others are served.
     """
-    import uvicorn
+    try:  # the `serve` extra
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise MissingExtraError(
+            f"qtune serve needs {e.name or 'starlette and uvicorn'}: pip install '{DISTRIBUTION}[serve]'"
+        ) from None
 
     from qtune.errors import ModelError, PlanError
     from qtune.plan import parse_bytes
