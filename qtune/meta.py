@@ -4,7 +4,8 @@ The adapter folder is a contract every verb reads:
   adapter_model.safetensors, adapter_config.json   plain PEFT; `PeftModel.from_pretrained` loads them
   qtune.json                                        kind, base id + fingerprint, resolved config, data,
                                                     training, metrics, hardware, versions (and labels)
-  loss.png (confusion.png)                          the training loss curve (a classifier's confusion matrix)
+  loss.png (confusion.png)                          the training (and held-out) loss curves (a classifier's
+                                                    confusion matrix)
 
 `AdapterMeta` is the typed view of qtune.json: the fields the verbs act on are parsed and checked
 once (the run config, the base's fingerprint, a classifier's label map); the rest is kept as written
@@ -183,6 +184,7 @@ def new_meta(
     seconds: float,
     losses: list[tuple[int, float]],
     metrics: dict[str, Any],
+    eval_losses: list[tuple[int, float]] | None = None,
     training: dict[str, Any] | None = None,
     labels: Labels | None = None,
     samples: list[dict] | None = None,
@@ -191,6 +193,7 @@ def new_meta(
     """The qtune.json of a freshly trained adapter: what every recipe records, plus the recipe's own parts.
 
     `training` adds recipe-specific entries to the training section (trained tokens, resumed step, ...).
+    `losses` and `eval_losses` are (step, loss) points: the training loss, and the held-out loss while training.
     """
     versions = library_versions()
     raw: dict[str, Any] = {
@@ -210,6 +213,7 @@ def new_meta(
             "train_loss": train_loss,
             **(training or {}),
             "loss_curve": losses,
+            "eval_loss_curve": eval_losses or [],
         },
         "metrics": metrics,
         "hardware": hardware(),

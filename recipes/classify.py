@@ -48,9 +48,12 @@ def main(cfg: RunConfig) -> Path:
         f"{trainable:,} trainable of {total:,} parameters"
     )
 
-    # 3. Train, checkpointing as it goes (a NaN/inf stops it cleanly).
+    # 3. Train, checkpointing as it goes (a NaN/inf stops it cleanly); every train.eval_every steps, the loss on a
+    #    sample of the held-out data is logged too (and to TensorBoard: train.report_to).
+    watched = run.eval_sample(eval_examples)
+    watched = classify.to_dataset(watched) if watched else None
     dataset = classify.to_dataset(train_examples)
-    trainer = train.build_classification_trainer(model, tokenizer, dataset, cfg, run.checkpoints)
+    trainer = train.build_classification_trainer(model, tokenizer, dataset, cfg, run.checkpoints, eval_dataset=watched)
     run.train(trainer)
     if not run.writes:  # under torchrun / accelerate, rank 0 alone evaluates and writes
         return run.out_dir

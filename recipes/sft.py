@@ -46,8 +46,13 @@ def main(cfg: RunConfig) -> Path:
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
 
-    # 4. Train with trl's SFTTrainer, checkpointing as it goes (a NaN/inf stops it cleanly).
-    trainer = train.build_sft_trainer(model, tokenizer, data.to_dataset(train_examples), cfg, run.checkpoints)
+    # 4. Train with trl's SFTTrainer, checkpointing as it goes (a NaN/inf stops it cleanly); every train.eval_every
+    #    steps, the loss on a sample of the held-out data is logged too (and to TensorBoard: train.report_to).
+    watched = run.eval_sample(eval_examples)
+    watched = data.to_dataset(watched) if watched else None
+    trainer = train.build_sft_trainer(
+        model, tokenizer, data.to_dataset(train_examples), cfg, run.checkpoints, eval_dataset=watched
+    )
     run.train(trainer)
     if not run.writes:  # under torchrun / accelerate, rank 0 alone evaluates and writes
         return run.out_dir

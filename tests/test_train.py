@@ -53,6 +53,12 @@ def run_cfg(tmp_path, tiny_model_dir):
     return make
 
 
+def beside(folder) -> list[str]:
+    """What is in an adapter's parent folder, but for the TensorBoard logs (`<name>.runs/`, train.report_to=auto
+    with the tensorboard package installed; tests/test_observe.py checks them)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".runs"))
+
+
 def base_weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
@@ -70,7 +76,7 @@ def test_training_changes_lora_only_and_reloads_identically(run_cfg, tiny_model_
     # The contract: plain PEFT files + qtune.json + loss curve, and nothing else half-written beside it.
     files = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "qtune.json", "loss.png"} <= files
-    assert [p.name for p in out.parent.iterdir()] == ["run"]
+    assert beside(out.parent) == ["run"]
     meta = read_meta(out)
     assert meta["config"]["quant"]["method"] == quant
     assert meta["base"]["fingerprint"].startswith("sha256:")
@@ -166,7 +172,7 @@ def test_crash_during_save_leaves_no_adapter_folder_and_resume_finishes_it(run_c
     out = sft.main(run_cfg("quant.method=none", "resume=auto"))
     meta = read_meta(out)
     assert meta["training"]["resumed_from_step"] == 3 and meta["training"]["steps"] == 3
-    assert sorted(p.name for p in adapters.iterdir()) == ["run"]  # the checkpoints went with success
+    assert beside(adapters) == ["run"]  # the checkpoints went with success
 
 
 def test_a_save_killed_mid_write_leaves_nothing_once_the_next_run_starts(run_cfg, tmp_path):
@@ -187,7 +193,7 @@ def test_overwrite_through_a_link_replaces_the_adapter_it_points_to_and_leaves_n
     before = (real / "adapter_model.safetensors").read_bytes()
     (link := real.parent / "run").symlink_to(real.name)
     out = sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.max_steps=1", "train.seed=7"))
-    assert out == link and link.is_symlink() and sorted(p.name for p in real.parent.iterdir()) == ["real", "run"]
+    assert out == link and link.is_symlink() and beside(real.parent) == ["real", "run"]
     assert (real / "adapter_model.safetensors").read_bytes() != before and read_meta(link)["training"]["steps"] == 1
 
 
@@ -205,7 +211,7 @@ def test_full_disk_during_save_keeps_the_previous_adapter(run_cfg, tmp_path, mon
     with pytest.raises(AdapterError, match=r"nothing was written \(the previous adapter there is kept\).*No space"):
         sft.main(run_cfg("quant.method=none", "output.overwrite=true", "train.seed=7", "train.save_every=0"))
     assert (out / "adapter_model.safetensors").read_bytes() == previous
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run", "run.checkpoints"]
+    assert beside(out.parent) == ["run", "run.checkpoints"]
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_complete_ones(run_cfg, tmp_path, monkeypatch):

@@ -201,6 +201,22 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = _help(
         "A NaN/inf loss or gradient: stop with the last good weights saved, or skip that optimizer step.", "stop"
     )
+    eval_every: int | None = _help(
+        "Held-out loss every N steps while training (0: never). Unset: every train.save_every steps when data.eval "
+        "or data.eval_fraction gives held-out data, and once more at the last step.",
+        None,
+    )
+    eval_max_examples: int = _help(
+        "The held-out loss while training is taken on at most this many held-out examples (a seeded sample, the "
+        "same each time), so it stays cheap; all of them are scored once after training.",
+        200,
+    )
+    report_to: str | list[str] = _help(
+        "Where the trainer also logs: tensorboard, wandb, trackio, mlflow, comet_ml, clearml, dvclive, neptune, "
+        "swanlab, none, or a list. auto: TensorBoard under <output.dir>/<output.name>.runs/ when the tensorboard "
+        "package is installed (pip install 'qtune-lora[tensorboard]'), else none.",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "logging_steps", "save_limit", "checkpoint_every"):
@@ -224,6 +240,11 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:  # (a negative norm would switch clipping off without a word)
             raise ConfigError(f"train.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0 (0: never; unset: automatic), got {self.eval_every}")
+        if self.eval_max_examples <= 0:
+            raise ConfigError(f"train.eval_max_examples must be positive, got {self.eval_max_examples}")
+        self.report_to = _report_to(self.report_to)
         if self.fit_to_vram is not None:
             from qtune.plan import PlanError, parse_bytes
 
@@ -231,6 +252,27 @@ class TrainConfig:
                 parse_bytes(self.fit_to_vram)
             except PlanError as e:
                 raise ConfigError(f"train.fit_to_vram: {e}") from None
+
+
+# What train.report_to accepts: transformers' own logging integrations (it holds their callbacks), and auto / none.
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml", "dvclive", "neptune", "swanlab")
+
+
+def _report_to(value: str | list[str]) -> str | list[str]:
+    """train.report_to checked: 'auto', 'none', one integration, or a list of them (`a,b` on the command line)."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip() for n in names if n.strip()]
+    if names in (["auto"], ["none"]):
+        return names[0]
+    if {"auto", "none"} & set(names):
+        raise ConfigError(f"train.report_to: auto and none stand alone, not in a list ({', '.join(names)})")
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown or not names:
+        raise ConfigError(
+            f"train.report_to: unknown {', '.join(map(repr, unknown)) or 'empty value'}; valid: auto, none, "
+            f"{', '.join(REPORT_TO)}, or a list of them"
+        )
+    return names[0] if isinstance(value, str) and len(names) == 1 else names
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from qtune.errors import ExportError
 from qtune.export.merge import merged_model, read_source, refuse_existing, staged
@@ -130,13 +131,19 @@ def write_gguf(model, tokenizer, path: Path, *, qtype: str = "f16", name: str = 
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    # Converting and writing a 7B takes minutes (q8_0 quantizes on the CPU): a bar in bytes written, with an ETA.
+    total = sum(nbytes for _, _, (_, _, nbytes, _) in plan)
     try:
-        for hf, _, (_, np_dtype, _, raw) in plan:
-            weight = _permute_for(config, hf, state[hf].detach().to(torch.float32)).numpy()
-            if raw is not None:
-                writer.write_tensor_data(gguf.quants.quantize(weight, raw))
-            else:
-                writer.write_tensor_data(weight.astype(np_dtype))
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"writing {path.name}", leave=False, disable=None
+        ) as bar:
+            for hf, _, (_, np_dtype, nbytes, raw) in plan:
+                weight = _permute_for(config, hf, state[hf].detach().to(torch.float32)).numpy()
+                if raw is not None:
+                    writer.write_tensor_data(gguf.quants.quantize(weight, raw))
+                else:
+                    writer.write_tensor_data(weight.astype(np_dtype))
+                bar.update(nbytes)
     finally:
         writer.close()
     return path

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -202,8 +203,9 @@ def merged_model(adapter: str | Path | Source, *, dtype: str | None = None, into
         model = PeftModel.from_pretrained(base, str(source.dir))
     except Exception as e:  # e.g. an adapter for another architecture: shape or module-name mismatch
         raise AdapterError(f"{source.dir}: the adapter does not load onto {base_path}: {e}") from None
-    # safe_merge checks every merged weight for NaN/inf before keeping it.
-    merged = model.merge_and_unload(safe_merge=True)
+    # safe_merge checks every merged weight for NaN/inf before keeping it. Loading and writing the weights have
+    # transformers' own bars; the merge (seconds to a minute for a 7B on a CPU) has peft's, on a terminal.
+    merged = model.merge_and_unload(safe_merge=True, progressbar=sys.stderr.isatty())
     merged.eval()
     if merged.generation_config is not None and merged.generation_config.eos_token_id is None:
         merged.generation_config.eos_token_id = tokenizer.eos_token_id  # the model must stop (huggingface/trl#1623)

@@ -5,6 +5,8 @@ Upstream renames (trl 1 and transformers 5 moved several arguments) are absorbed
 
 from __future__ import annotations
 
+import importlib.util
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from qtune.train import checkpoint
 from qtune.train.hooks import (
     CheckpointPromoter,
     NonFiniteGuard,
+    TensorBoardLogs,
     _GuardedSteps,
     _TrainedPositionsLoss,
     check_trl_internals,
@@ -22,13 +25,56 @@ from qtune.train.hooks import (
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 
 
-def _common_args(cfg: RunConfig, work_dir: Path) -> dict:
+def eval_steps(cfg: RunConfig) -> int:
+    """Steps between two held-out losses while training, given held-out data (0: none): train.eval_every, or
+    when unset train.save_every (a checkpoint's log then holds the held-out loss of its step)."""
+    t = cfg.train
+    return t.eval_every if t.eval_every is not None else t.save_every
+
+
+def runs_dir(cfg: RunConfig) -> Path:
+    """Where a run's TensorBoard logs go: beside the adapter folder (which stays plain PEFT files), one
+    subfolder per start, so a resumed run shows as its own line from its step on."""
+    return Path(cfg.output.dir) / f"{cfg.output.name}.runs"
+
+
+def report_to(cfg: RunConfig) -> list[str]:
+    """train.report_to as the trainer's integrations; auto: TensorBoard if its package is installed (and the run
+    has an output.name to put its logs beside).
+
+    An integration whose package is missing is a ConfigError (the trainer would fail later, with less to say).
+    """
+    wanted = cfg.train.report_to
+    if wanted == "auto":
+        return ["tensorboard"] if _installed("tensorboard") and cfg.output.name else []
+    names = [] if wanted == "none" else [wanted] if isinstance(wanted, str) else list(wanted)
+    missing = [n for n in names if not _installed(n)]
+    if missing:
+        raise ConfigError(
+            f"train.report_to={','.join(names)}: the {', '.join(missing)} package is not installed: "
+            f"pip install {' '.join(missing)}, or leave it out of train.report_to"
+        )
+    if "tensorboard" in names and not cfg.output.name:
+        raise ConfigError("train.report_to=tensorboard: set output.name (the logs go to <output.dir>/<name>.runs/)")
+    return names
+
+
+def _installed(integration: str) -> bool:
+    # Each integration's Python package has its name (TensorBoard is written by tensorboard or tensorboardX).
+    modules = ("tensorboard", "tensorboardX") if integration == "tensorboard" else (integration,)
+    return any(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _common_args(cfg: RunConfig, work_dir: Path, evaluate: bool = False) -> dict:
     """TrainingArguments fields every qtune trainer shares.
 
     The trainer writes resumable checkpoints into `work_dir` every `train.save_every` steps; the
     CheckpointPromoter callback moves each one out once complete. The adapter itself qtune writes.
+    With `evaluate` (an eval dataset is given) the held-out loss is taken every `eval_steps(cfg)` steps
+    and at the last one. TensorBoard is added by the builders (its logs go to runs_dir, not work_dir).
     """
     t = cfg.train
+    every = eval_steps(cfg) if evaluate else 0
     return dict(
         output_dir=str(work_dir),
         save_strategy="steps" if t.save_every else "no",
@@ -49,8 +95,11 @@ def _common_args(cfg: RunConfig, work_dir: Path) -> dict:
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="no",
-        report_to="none",
+        eval_strategy="steps" if every else "no",
+        eval_steps=every or None,
+        # Evaluating holds no gradients or optimizer state: what trains at this micro-batch evaluates at it.
+        per_device_eval_batch_size=t.batch_size,
+        report_to=[name for name in report_to(cfg) if name != "tensorboard"] or "none",
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -86,12 +135,12 @@ def _fsdp_args(cfg: RunConfig) -> dict:
     )
 
 
-def sft_args(cfg: RunConfig, work_dir: Path):
-    """trl.SFTConfig for a qtune RunConfig."""
+def sft_args(cfg: RunConfig, work_dir: Path, evaluate: bool = False):
+    """trl.SFTConfig for a qtune RunConfig (`evaluate`: the held-out loss while training, see _common_args)."""
     from trl import SFTConfig
 
     return SFTConfig(
-        **_common_args(cfg, work_dir),
+        **_common_args(cfg, work_dir, evaluate),
         # Data arrive tokenized with labels already masked and truncated by qtune.data.
         max_length=None,
         packing=False,
@@ -104,11 +153,14 @@ def sft_args(cfg: RunConfig, work_dir: Path):
     )
 
 
-def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None):
+def build_sft_trainer(
+    model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None, eval_dataset=None
+):
     """An SFTTrainer over pre-tokenized (input_ids, labels, row) data, with checkpoints and the non-finite guard.
 
     `checkpoints` is the run's checkpoint folder (qtune.train.checkpoint.root): the trainer writes into its
-    .incoming/ and each complete checkpoint is moved up into it.
+    .incoming/ and each complete checkpoint is moved up into it. `eval_dataset` (the same columns): its loss,
+    on the trained positions as in training, is logged every train.eval_every steps.
     """
     from trl import SFTTrainer
 
@@ -116,7 +168,7 @@ def build_sft_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoin
         pass
 
     trainer = _with_guards(
-        QtuneSFTTrainer, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, sft_args, data_collator=None
+        QtuneSFTTrainer, model, tokenizer, train_dataset, eval_dataset, cfg, checkpoints, callbacks, sft_args, None
     )
     trainer.qtune_chunked_loss = (
         cfg.train.chunked_loss and _takes_logits_to_keep(trainer.model) and not check_trl_internals(trainer)
@@ -132,37 +184,60 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _with_guards(cls, model, tokenizer, train_dataset, cfg, checkpoints, callbacks, make_args, data_collator):
+def _with_guards(
+    cls, model, tokenizer, train_dataset, eval_dataset, cfg, checkpoints, callbacks, make_args, data_collator
+):
     guard = NonFiniteGuard(cfg.train.on_nonfinite, train_dataset)
     promoter = CheckpointPromoter(cfg.train.save_limit)
     kwargs = {"data_collator": data_collator} if data_collator is not None else {}
+    evaluate = eval_dataset is not None and len(eval_dataset) > 0 and eval_steps(cfg) > 0
+    if evaluate:
+        has_row = "row" in eval_dataset.column_names
+        kwargs["eval_dataset"] = eval_dataset.remove_columns("row") if has_row else eval_dataset
     trainer = cls(
         model=model,
-        args=make_args(cfg, Path(checkpoints) / checkpoint.INCOMING),
+        args=make_args(cfg, Path(checkpoints) / checkpoint.INCOMING, evaluate),
         train_dataset=train_dataset.remove_columns("row"),
         processing_class=tokenizer,
-        callbacks=[guard, promoter, *(callbacks or [])],
+        callbacks=[guard, promoter, *_tensorboard(cfg), *(callbacks or [])],
         **kwargs,
     )
     trainer.qtune_guard = guard
     return trainer
 
 
-def build_classification_trainer(model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None):
-    """A transformers Trainer for sequence classification over pre-tokenized (input_ids, labels, row) data."""
+def _tensorboard(cfg: RunConfig) -> list:
+    """The TensorBoard callback when train.report_to asks for it (auto: when installed), saying so once."""
+    main = checkpoint.is_main_process()
+    if "tensorboard" not in report_to(cfg):
+        if cfg.train.report_to == "auto" and cfg.output.name and main:
+            print("TensorBoard logs are off: the tensorboard package is not installed (pip install tensorboard)")
+        return []
+    logs = runs_dir(cfg) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if main:
+        print(f"TensorBoard logs: {logs} (tensorboard --logdir {runs_dir(cfg)})")
+    return [TensorBoardLogs(logs)]
+
+
+def build_classification_trainer(
+    model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None, eval_dataset=None
+):
+    """A transformers Trainer for sequence classification over pre-tokenized (input_ids, labels, row) data;
+    `eval_dataset` (the same columns): its loss is logged every train.eval_every steps."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     class QtuneTrainer(_GuardedSteps, Trainer):
         pass
 
-    def make_args(cfg, work_dir):
-        return TrainingArguments(**_common_args(cfg, work_dir))
+    def make_args(cfg, work_dir, evaluate):
+        return TrainingArguments(**_common_args(cfg, work_dir, evaluate))
 
     return _with_guards(
         QtuneTrainer,
         model,
         tokenizer,
         train_dataset,
+        eval_dataset,
         cfg,
         checkpoints,
         callbacks,

@@ -1,5 +1,6 @@
 """The trainer hooks qtune adds by subclassing (no upstream code is changed): the loss from logits at the
-trained positions only, the non-finite guard, the resumable data order, and checkpoint promotion.
+trained positions only (in training and in the held-out loss while training), the non-finite guard, the
+resumable data order and random stream, checkpoint promotion, and where TensorBoard writes.
 
 `_TrainedPositionsLoss` reads a few of trl's SFTTrainer internals to log the metrics trl logs; they are
 checked when a trainer is built (`check_trl_internals`), and a trl without them falls back to trl's own
@@ -9,12 +10,14 @@ loss with a printed line, never an error mid-run.
 from __future__ import annotations
 
 import hashlib
+import random
 from array import array
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qtune.data.store import lengths
@@ -61,7 +64,7 @@ def trained_positions_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_ro
     hits = torch.zeros((), dtype=torch.long, device=logits.device)
     for start in range(0, logits.size(0), rows):
         part, target = logits[start : start + rows], targets[start : start + rows]
-        if logits.size(0) > rows:
+        if logits.size(0) > rows and torch.is_grad_enabled():  # (evaluating: no backward to save memory for)
             loss = loss + checkpoint(_cross_entropy_sum, part, target, use_reentrant=False)
         else:
             loss = loss + _cross_entropy_sum(part, target)
@@ -84,8 +87,9 @@ class _TrainedPositionsLoss:
     each example. Here the model is called through its wrappers (PEFT, DDP, FSDP) with transformers'
     `logits_to_keep` set to the positions whose next token is a label, and the loss is the same
     token-summed negative log-likelihood over the same normaliser as trl's, with the same metrics.
-    Anything trl computes differently (DFT, label smoothing, a compute_loss_func, MoE auxiliary
-    losses, evaluation outputs) goes to trl.
+    The held-out loss while training (train.eval_every) is the same loss, without gradients. Anything
+    trl computes differently (DFT, label smoothing, a compute_loss_func, MoE auxiliary losses, logits
+    asked for by evaluation) goes to trl.
     """
 
     qtune_chunked_loss = False  # set by build_sft_trainer: train.chunked_loss, where the model allows it
@@ -96,7 +100,6 @@ class _TrainedPositionsLoss:
         for applies, why in (
             (return_outputs, "outputs requested"),
             (not self.qtune_chunked_loss, "train.chunked_loss is off, or the model takes no logits_to_keep"),
-            (not model.training, "the model is not in training mode"),
             (self.args.loss_type != "nll", f"loss_type {self.args.loss_type!r}"),
             (self.compute_loss_func is not None, "a compute_loss_func is set"),
             (self.label_smoother is not None, "label smoothing is on"),
@@ -114,7 +117,7 @@ class _TrainedPositionsLoss:
                 _SAID.add(why)
                 print(f"loss: trl's own (every position scored): {why}")
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.qtune_fast_steps += 1
+        self.qtune_fast_steps += model.training
         labels = inputs["labels"]
         shifted = labels[:, 1:]
         trained = shifted != -100
@@ -131,25 +134,37 @@ class _TrainedPositionsLoss:
         return loss
 
     def _log_metrics(self, inputs, count, entropy, hits) -> None:
-        """The metrics trl's compute_loss logs: entropy, mean_token_accuracy, num_tokens."""
+        """The metrics trl's compute_loss logs: entropy, mean_token_accuracy, num_tokens (trained tokens so far)."""
         gather = self.accelerator.gather_for_metrics
         valid, entropy, hits = gather(count).sum(), gather(entropy).sum(), gather(hits).sum()
-        metrics = self._metrics["train"]
+        metrics = self._metrics["train" if self.model.training else "eval"]
         metrics["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((hits / valid).item() if valid > 0 else 0.0)
-        if "attention_mask" in inputs:
-            tokens = gather(inputs["attention_mask"].sum()).sum().item()
-        else:  # padding-free: one row of real tokens
-            tokens = gather(torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)).sum().item()
-        self._total_train_tokens += tokens // self._tp_size
+        if self.model.training:
+            if "attention_mask" in inputs:
+                tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            else:  # padding-free: one row of real tokens
+                ids = inputs["input_ids"]
+                tokens = gather(torch.tensor(ids.numel(), device=ids.device)).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
 class _GuardedSteps:
     """Trainer subclass mixin (no upstream code is changed): hands each micro-batch and its loss to the
-    NonFiniteGuard, and draws the length-grouped data order from the seed and epoch alone, so a resumed
-    run sees the same batches as an uninterrupted one.
+    NonFiniteGuard, draws the length-grouped data order from the seed and epoch alone, so a resumed
+    run sees the same batches as an uninterrupted one, and leaves the random stream as an evaluation found it.
     """
+
+    def evaluate(self, *args, **kwargs):
+        # Iterating the eval DataLoader draws a seed from torch's global RNG: without this, each held-out loss
+        # (train.eval_every) would shift the dropout masks and a random sampler's next epoch, and a run with
+        # evaluation would train differently from one without.
+        saved = _rng_states()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            _set_rng_states(saved)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -168,6 +183,25 @@ class _GuardedSteps:
             return torch.zeros_like(loss)  # keep the logged running loss finite; the step is handled by the guard
         self.qtune_guard.saw(inputs, loss_finite=True)
         return loss
+
+
+def _rng_states() -> dict:
+    import numpy as np
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -288,3 +322,12 @@ class CheckpointPromoter(TrainerCallback):
 
             checkpoint.promote(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.keep)
         return control
+
+
+class TensorBoardLogs(TensorBoardCallback):
+    """transformers' TensorBoard callback, writing into `logging_dir` (qtune.train.args.runs_dir) instead of under
+    the trainer's output_dir, which is the checkpoints' scratch folder. TENSORBOARD_LOGGING_DIR, if set, wins."""
+
+    def __init__(self, logging_dir: Path):
+        super().__init__()
+        self.logging_dir = self.logging_dir or str(logging_dir)  # (the parent has read the environment variable)

@@ -4,6 +4,7 @@ model and trainer, evaluates, and leaves the rest to a `Run`.
     run = train.start(cfg)              output folder checked, seed set, base folder and tokenizer
     train, held, report = run.held_out(train, read)  data.eval, or a seeded data.eval_fraction of train
     cfg = run.prepare(report, longest)  train.fit_to_vram applied; resume point found (or an interrupted run refused)
+    run.eval_sample(held)               the held-out examples whose loss is logged while training (train.eval_every)
     run.train(trainer)                  fit, timed; under FSDP the sharded weights gathered
     if run.writes: ...                  rank 0 alone evaluates and writes
     run.save(model, trainer, ...)       qtune.json + loss curve + PEFT files, atomically; checkpoints removed
@@ -11,6 +12,7 @@ model and trainer, evaluates, and leaves the rest to a `Run`.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ from qtune.config import ConfigError, RunConfig
 from qtune.data import apply_template, describe, hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
+from qtune.train.args import eval_steps, report_to
 from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
-from qtune.train.loss_curve import loss_curve_png, loss_points
+from qtune.train.loss_curve import eval_loss_points, loss_curve_png, loss_points
 
 
 @dataclass
@@ -87,10 +90,28 @@ class Run:
             train_examples, evaluation, report = hold_out(
                 train_examples, data.eval_fraction, self.cfg.train.seed, describe(data)
             )
+        elif self.cfg.train.eval_every:
+            raise ConfigError(
+                f"train.eval_every={self.cfg.train.eval_every} needs held-out data: set data.eval (a file) or "
+                "data.eval_fraction (e.g. 0.05), or drop train.eval_every"
+            )
         else:
             return train_examples, [], None
         print(f"eval data:  {report.summary()}")
         return train_examples, evaluation[: self.cfg.eval.limit] if self.cfg.eval.limit else evaluation, report
+
+    def eval_sample(self, eval_examples) -> list:
+        """The held-out examples whose loss the trainer logs every train.eval_every steps: a seeded sample of at most
+        train.eval_max_examples, the same at every evaluation (and after a resume). Empty when that is off."""
+        every, n = eval_steps(self.cfg), len(eval_examples)
+        if not (every and n):
+            return []
+        picked = sorted(random.Random(self.cfg.train.seed).sample(range(n), min(self.cfg.train.eval_max_examples, n)))
+        sample = (
+            eval_examples.select(picked) if hasattr(eval_examples, "select") else [eval_examples[i] for i in picked]
+        )
+        print(f"held-out loss every {every} steps while training, on {len(sample)} of the {n} held-out examples")
+        return sample
 
     def evaluates(self, eval_examples: list) -> bool:
         """Whether there is held-out data to evaluate here (a sharded model cannot run on rank 0 alone)."""
@@ -118,7 +139,7 @@ class Run:
         """Write the adapter folder (PEFT files, qtune.json, loss.png and `files`) atomically, then remove the
         run's checkpoints (unless output.keep_checkpoints). `training` adds recipe-specific training facts."""
         cfg = self.cfg
-        losses = loss_points(trainer.state.log_history)
+        losses, eval_losses = loss_points(trainer.state.log_history), eval_loss_points(trainer.state.log_history)
         meta = new_meta(
             kind=kind,
             cfg=cfg,
@@ -130,6 +151,7 @@ class Run:
             train_loss=self.result.training_loss,
             seconds=self.seconds,
             losses=losses,
+            eval_losses=eval_losses,
             metrics=metrics,
             training={
                 **(training or {}),
@@ -140,7 +162,7 @@ class Run:
             samples=samples,
             chat_template=chat_template,
         )
-        png = loss_curve_png(losses, f"{self.out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}")
+        png = loss_curve_png(losses, f"{self.out_dir.name}: {cfg.model.name}, LoRA r={cfg.lora.r}", eval_losses)
         files = {"loss.png": png, **(files or {})}
         lora.save_adapter(model, self.out_dir, meta, files, overwrite=cfg.output.overwrite, state_dict=self.weights)
         checkpoint.finish(cfg)
@@ -204,6 +226,7 @@ def start(cfg: RunConfig) -> Run:
     from transformers import set_seed
 
     out_dir = lora.output_dir(cfg)
+    report_to(cfg)  # a train.report_to whose package is missing fails now, not after the data and the model load
     if checkpoint.is_main_process():  # (under torchrun / accelerate, rank 0 writes and holds the lock)
         lock_output(out_dir)
         # Holding the lock, nothing else writes here: a staging folder beside the output is a killed save's.
