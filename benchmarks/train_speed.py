@@ -99,6 +99,7 @@ def child_qtune(spec: dict) -> dict:
         f"train.grad_accum={spec['grad_accum']}",
         f"data.max_length={spec['max_length']}",
         "train.save_every=0",
+        "train.report_to=none",  # no TensorBoard writes inside the measurement
         "train.logging_steps=5",
         "data.eval=null",
         f"data.train={spec['data']}",

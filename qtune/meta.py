@@ -134,7 +134,20 @@ def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{adapter_dir / META_FILE}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise AdapterError(f"{adapter_dir / META_FILE}: must hold a JSON object, got a {type(meta).__name__}")
+    read_adapter_config(adapter_dir)  # peft's own file: every verb that loads the folder reads it
     return meta
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter_config.json (peft's) of an adapter folder, refused by name unless it is a JSON object."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # (a UnicodeDecodeError too)
+        raise AdapterError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: must hold a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def library_versions() -> dict[str, str]:

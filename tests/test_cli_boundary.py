@@ -78,6 +78,16 @@ ADAPTER_HARMS = {
     "weights-folder": _weights_folder,
     "surrogate-system-prompt": _surrogate_system_prompt,
 }
+# The file each adapter harm must be blamed on, in the error line of every verb that reads the folder.
+BLAMED = {
+    "list-meta": "qtune.json",
+    "list-config": "adapter_config.json",
+    "empty-meta": "qtune.json",
+    "binary-meta": "qtune.json",
+    "no-config": "adapter_config.json",
+    "truncated-weights": "adapter_model.safetensors",
+    "garbage-weights": "adapter_model.safetensors",
+}
 # One harm done to a copy of the tiny base model's folder.
 BASE_HARMS = {
     "list-config": _set_json("config.json", b"[]"),
@@ -436,6 +446,9 @@ def test_a_bad_input_is_one_error_line(inputs, capsys, argv):
     line = assert_one_error_line(err)
     # A qtune error (exit 2) or the CLI's own SystemExit("error: ..."), not the boundary's generic line (exit 1).
     assert code == 2 or isinstance(code, str), line
+    harm = next((a[len("<adapter:") : -1] for a in argv if a.startswith("<adapter:")), None)
+    if harm in BLAMED:  # and it names the file at fault
+        assert BLAMED[harm] in line, line
     inputs.assert_nothing_written()
 
 

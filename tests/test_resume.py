@@ -169,6 +169,14 @@ def test_resume_compares_data_by_content_not_by_how_its_path_is_written(run_args
     sft.main(load_config(None, [*first, "output.overwrite=true"]))
 
 
+def test_resume_may_change_what_is_reported_but_not_what_is_trained(run_args):
+    first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
+    sft.main(load_config(None, [*first, "train.report_to=none"]))
+    again = [*first, "output.overwrite=true", "resume=auto", "train.report_to=tensorboard"]
+    again += ["train.eval_max_examples=3", "train.vram=80GB"]
+    assert read_meta(sft.main(load_config(None, again)))["training"]["resumed_from_step"] == 4
+
+
 def test_resume_with_a_different_config_or_data_is_refused(run_args, tmp_path):
     first = [*run_args, "output.name=run", "train.max_steps=4", "output.keep_checkpoints=true"]
     sft.main(load_config(None, first))

@@ -404,13 +404,13 @@ def test_bad_adapter_folders_are_skipped_at_startup_and_listed(adapter_set, tmp_
     pool = AdapterPool(str(adapter_set["base"]), quant="none")
     assert pool.add_folder(folder) == ["alpha"]
     assert set(pool.skipped) == {"truncated", "listed", "garbled"}
-    assert "not a readable safetensors file" in pool.skipped["truncated"]
+    assert "is corrupt or incomplete" in pool.skipped["truncated"]
     assert "qtune.json" in pool.skipped["listed"] and "adapter_config.json" in pool.skipped["garbled"]
     with ServerThread(create_app(pool)) as url:
         models = httpx.get(url + "/v1/models").json()
         assert [m["id"] for m in models["data"]] == [BASE, "alpha"]
         assert {s["id"]: s["reason"] for s in models["skipped"]} == pool.skipped
         r = httpx.post(url + "/admin/adapters", json={"name": "t", "path": str(truncated)})
-        assert r.status_code == 400 and "not a readable safetensors file" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400 and "is corrupt or incomplete" in r.json()["error"]["message"], r.text
         r = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200

@@ -27,8 +27,8 @@ import torch
 
 from qtune import atomic
 from qtune.errors import AdapterError, ExportError
-from qtune.lora import adapter_tokenizer, checked_base
-from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, AdapterMeta
+from qtune.lora import adapter_tokenizer, check_weights, checked_base
+from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, AdapterMeta, read_adapter_config
 from qtune.models import DTYPES, load_base
 
 MERGE_FILE = "qtune_merge.json"
@@ -123,14 +123,15 @@ def read_source(adapter_dir: str | Path) -> Source:
             f"{adapter_dir} is a merged model written by `qtune merge` ({MERGE_FILE}), not an adapter: "
             "it has nothing left to merge; point at the adapter folder it came from"
         )
-    meta = AdapterMeta.read(adapter_dir)
+    meta = AdapterMeta.read(adapter_dir)  # adapter_config.json too (read_meta)
     if meta.kind != CAUSAL_LM:
         raise ExportError(f"{adapter_dir} is a {meta.kind} adapter; merge and export handle causal-LM ones")
     from safetensors.torch import load_file
 
+    check_weights(adapter_dir)  # a truncated or corrupt weights file, named
     try:
         tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        config = read_adapter_config(adapter_dir)
     except Exception as e:  # a truncated or overwritten file: safetensors / json say why
         raise AdapterError(
             f"{adapter_dir}: cannot read the adapter files ({type(e).__name__}: {e}); "
@@ -138,11 +139,6 @@ def read_source(adapter_dir: str | Path) -> Source:
         ) from None
     if not tensors:
         raise AdapterError(f"{adapter_dir / ADAPTER_WEIGHTS} holds no tensors: restore it or train again")
-    if not isinstance(config, dict):
-        raise AdapterError(
-            f"{adapter_dir / ADAPTER_CONFIG} must hold a JSON object, got a {type(config).__name__}: "
-            "restore it or train again"
-        )
     return Source(adapter_dir, meta, config, tensors)
 
 

@@ -54,15 +54,8 @@ def _read_checked(adapter_dir: Path) -> dict:
     """qtune.json as written, after refusing what no verb could load back: a missing or incomplete folder, a
     qtune.json that does not parse, an adapter_config.json that is not a JSON object (an AdapterError naming the
     file), a corrupt adapter_model.safetensors (a HubError). Nothing is staged or uploaded from such a folder."""
-    meta = read_meta(adapter_dir)
+    meta = read_meta(adapter_dir)  # adapter_config.json too
     AdapterMeta.from_json(meta, str(adapter_dir / META_FILE))  # what every verb that loads it will parse
-    config = adapter_dir / ADAPTER_CONFIG
-    try:
-        peft_config = json.loads(config.read_text(encoding="utf-8"))
-    except ValueError as e:  # (a UnicodeDecodeError too)
-        raise AdapterError(f"{config}: not valid JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(peft_config, dict):
-        raise AdapterError(f"{config}: must hold a JSON object, got a {type(peft_config).__name__}")
     try:
         check_weights(adapter_dir)
     except AdapterError as e:

@@ -8,7 +8,6 @@ peft touches the model).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,16 @@ from typing import Literal
 
 from qtune.config import RunConfig
 from qtune.errors import AdapterError
-from qtune.lora import check_head_saved, checked_base
-from qtune.meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, CLASSIFIER, META_FILE, AdapterMeta
+from qtune.lora import check_head_saved, check_weights, checked_base
+from qtune.meta import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CAUSAL_LM,
+    CLASSIFIER,
+    META_FILE,
+    AdapterMeta,
+    read_adapter_config,
+)
 
 
 @dataclass
@@ -56,14 +63,9 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
     `base_fingerprint()` is asked only for qtune causal-LM adapters: it hashes the base's weights once.
     """
     size = (path / ADAPTER_WEIGHTS).stat().st_size
-    _check_readable(path / ADAPTER_WEIGHTS)
+    check_weights(path)  # a truncated or corrupt weights file, named before anything loads
     if not (path / META_FILE).is_file():  # plain PEFT: the base is checked when peft loads it
-        try:
-            config = json.loads((path / ADAPTER_CONFIG).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise AdapterError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise AdapterError(f"{path / ADAPTER_CONFIG}: must be a JSON object, got {type(config).__name__}")
+        config = read_adapter_config(path)
         if config.get("task_type") not in (None, "CAUSAL_LM"):
             raise AdapterError(
                 f"{path}: a plain PEFT adapter for {config['task_type']}; only CAUSAL_LM ones can be served "
@@ -89,17 +91,6 @@ def inspect_adapter(name: str, path: Path, base_path: Path, base_fingerprint: Ca
     return AdapterInfo(
         name, path, CAUSAL_LM, "qtune", size, system_prompt=cfg.data.system_prompt, chat_template=meta.chat_template
     )
-
-
-def _check_readable(weights: Path) -> None:
-    """Refuse a weights file whose header does not parse or does not cover the file (truncated, corrupt)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), "pt"):
-            pass
-    except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
-        raise AdapterError(f"{weights}: not a readable safetensors file ({e}); copy or save it again") from None
 
 
 def check_fits(model, folder: Path) -> None:

@@ -52,6 +52,10 @@ _MAY_DIFFER = {
     "eval.batch_size",
     "eval.max_new_tokens",
     "eval.limit",
+    "train.eval_every",  # held-out loss while training: never changes the trained weights (tests/test_observe.py)
+    "train.eval_max_examples",
+    "train.report_to",
+    "train.vram",  # a check before loading, not a setting of the run
 }
 
 
