@@ -241,12 +241,51 @@ def cmd_plan(args) -> None:
         checkpoint_every=args.checkpoint_every,
         optim=args.optim,
         dtype=args.dtype,
-        vram=plan.parse_bytes(args.vram) if args.vram else None,
+        loss="chunked" if args.chunked_loss == "on" else "fused",
+        trained_tokens=args.trained_tokens,
+        vram=plan.parse_bytes(args.vram) if args.vram is not None else None,
         gpus=args.gpus,
         sharding=args.sharding,
     )
-    result = plan.estimate(plan.load_arch(args.model), inp)
+    arch = plan.load_arch(args.model)
+    result = plan.estimate(arch, inp)
+    plan.refuse_too_small(arch, inp)  # a --vram no micro-batch, checkpointing or sequence length fits
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+
+
+def _plan_defaults() -> dict:
+    """`qtune plan`'s defaults: a default training config's (qtune.config), so the plan is the run `qtune train`
+    would start. Read from the dataclass fields, not by building a config."""
+    import dataclasses
+
+    from qtune.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    train, lora, quant = defaults(TrainConfig), defaults(LoraConfig), defaults(QuantConfig)
+    model = defaults(ModelConfig)
+    return {
+        "seq": defaults(DataConfig)["max_length"],
+        "batch": train["batch_size"],
+        "quant": quant["method"],
+        "double_quant": "on" if quant["double_quant"] else "off",
+        "lora_r": lora["r"],
+        "targets": lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"]),
+        "gradient_checkpointing": "on" if train["gradient_checkpointing"] else "off",
+        "checkpoint_every": train["checkpoint_every"],
+        "optim": train["optim"],
+        "dtype": model["dtype"],
+        "chunked_loss": "on" if train["chunked_loss"] else "off",
+    }
+
+
+def _negative_size():
+    """A size-shaped negative ("-8GB", "-0.5G") is an argument of `qtune plan`, not an option, so `--vram -8GB` is
+    refused by name (argparse would say only "expected one argument"). argparse keeps this pattern per parser."""
+    import re
+
+    return re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*[a-zA-Z]*$")
 
 
 def cmd_merge(args) -> None:
@@ -388,28 +427,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="one text to label")
     p.add_argument("--data", help="a data file; its data.text_field is labelled")
 
-    p = sub.add_parser("plan", help="will this run fit my GPU? memory breakdown from the model config alone")
+    p = sub.add_parser(
+        "plan",
+        help="will this run fit my GPU? memory breakdown from the model config alone",
+        description="The memory a QLoRA run needs, part by part, from the model's config alone. Every default is "
+        "a default training config's, so without flags this is the run `qtune train` starts.",
+    )
+    p._negative_number_matcher = _negative_size()
+    d = _plan_defaults()
     p.add_argument(
         "model",
         help="built-in name (llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, gemma-2-9b, "
-        "phi-3-mini, smollm2-135m, smollm2-1.7b), a local model folder, or a hub id",
+        "phi-3-mini, smollm2-135m, smollm2-1.7b, ...), a local model folder, or a hub id",
     )
     p.add_argument("--vram", help="GPU memory to plan against: 8GB, 8G, 8192MiB (GB means GiB, as cards are sold)")
-    p.add_argument("--seq", type=_positive_int("--seq"), default=2048, help="tokens per example (default 2048)")
-    p.add_argument("--batch", type=_positive_int("--batch"), default=1, help="examples per micro-batch")
-    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4")
-    p.add_argument("--double-quant", choices=["on", "off"], default="on")
-    p.add_argument("--lora-r", type=_positive_int("--lora-r"), default=16)
-    p.add_argument("--targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
-    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on")
+    p.add_argument(
+        "--seq", type=_positive_int("--seq"), default=d["seq"], help=f"tokens per example (default {d['seq']})"
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int("--batch"),
+        default=d["batch"],
+        help=f"examples per micro-batch (default {d['batch']})",
+    )
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default=d["quant"])
+    p.add_argument("--double-quant", choices=["on", "off"], default=d["double_quant"])
+    p.add_argument("--lora-r", type=_positive_int("--lora-r"), default=d["lora_r"])
+    p.add_argument("--targets", default=d["targets"], help="all-linear, or module names: q_proj,v_proj")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default=d["gradient_checkpointing"])
     p.add_argument(
         "--checkpoint-every",
         type=_positive_int("--checkpoint-every"),
-        default=1,
+        default=d["checkpoint_every"],
         help="checkpoint only every k-th decoder layer (default 1: all)",
     )
-    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default=d["optim"])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=d["dtype"])
+    p.add_argument(
+        "--chunked-loss",
+        choices=["on", "off"],
+        default=d["chunked_loss"],
+        help="on: qtune's loss (logits at trained positions, fp32 chunks); off: trl's fused LM head",
+    )
+    p.add_argument(
+        "--trained-tokens",
+        type=_positive_int("--trained-tokens"),
+        default=None,
+        help="trained (label) positions per example, e.g. the longest answer (default: every position)",
+    )
     p.add_argument("--gpus", type=_positive_int("--gpus"), default=1, help="GPUs the run spreads over (per-GPU plan)")
     p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp", help="a copy per GPU, or FSDP-sharded")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -113,10 +113,11 @@ def test_hub_id_without_network_is_a_clear_error(workspace, capsys, monkeypatch)
 
 
 def test_plan_prints_a_breakdown_and_json(capsys):
-    main(["plan", "llama-2-7b", "--vram", "8GB", "--seq", "1024"])
+    small = ["--seq", "1024", "--batch", "1", "--gradient-checkpointing", "on"]  # (defaults: a default config's)
+    main(["plan", "llama-2-7b", "--vram", "8GB", *small])
     out = capsys.readouterr().out
     assert "llama-2-7b: nf4 + double quant, seq 1024 x batch 1" in out and "fits in 8.00 GiB" in out
-    main(["plan", "llama-2-7b", "--vram", "8192MiB", "--seq", "1024", "--json"])
+    main(["plan", "llama-2-7b", "--vram", "8192MiB", *small, "--json"])
     data = json.loads(capsys.readouterr().out)
     assert data["vram"] == 8 << 30 and data["fits"] is True and data["input"]["seq"] == 1024
     assert data["total"] == sum(data["breakdown"].values())

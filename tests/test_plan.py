@@ -270,9 +270,9 @@ def test_checkpointing_every_kth_layer_plans_between_none_and_all():
         return estimate(arch, PlanInput(seq=2048, **kw)).breakdown["activations"]
 
     off, every = activations(gradient_checkpointing=False), activations(gradient_checkpointing=True)
-    half = activations(checkpoint_every=2)
+    half = activations(gradient_checkpointing=True, checkpoint_every=2)
     assert every < half < off
-    assert activations(checkpoint_every=32) < off and activations(checkpoint_every=64) < off
+    assert all(activations(gradient_checkpointing=True, checkpoint_every=k) < off for k in (32, 64))
     # 32 layers, k = 2: layers 0, 2, ..., 30 keep their inputs, the 16 others everything; layer 31 is not
     # checkpointed, so at the start of backward no layer is being recomputed while those 16 are all held.
     full = _layer_activations(arch, PlanInput(seq=2048), upcast=False)
@@ -359,8 +359,11 @@ def test_fit_to_vram_keeps_the_effective_batch_and_prefers_no_checkpointing():
 def test_fit_to_vram_turns_checkpointing_on_when_it_must():
     arch = load_arch("llama-3.1-8b")
     micro, accum = fit_to_vram(arch, PlanInput(seq=4096, batch=2), 24 * GIB)
+    assert micro.gradient_checkpointing and (micro.batch, accum) == (2, 1)
+    assert not estimate(arch, dataclasses.replace(micro, batch=1, gradient_checkpointing=False)).fits
+    micro, accum = fit_to_vram(arch, PlanInput(seq=8192, batch=2), 24 * GIB)
     assert micro.gradient_checkpointing and (micro.batch, accum) == (1, 2)
-    assert not estimate(arch, dataclasses.replace(micro, gradient_checkpointing=False)).fits
+    assert not estimate(arch, dataclasses.replace(micro, batch=2)).fits
 
 
 def test_fit_to_vram_says_the_longest_sequence_that_would_fit():
@@ -368,8 +371,9 @@ def test_fit_to_vram_says_the_longest_sequence_that_would_fit():
     with pytest.raises(PlanError, match=r"^--seq 65536: even micro-batch 1 with gradient checkpointing") as e:
         fit_to_vram(arch, PlanInput(seq=65536), 12 * GIB)
     longest = int(str(e.value).rsplit("is ", 1)[1].split(" tokens")[0].replace(",", ""))
-    assert estimate(arch, PlanInput(seq=longest, vram=12 * GIB)).fits
-    assert not estimate(arch, PlanInput(seq=longest + 1, vram=12 * GIB)).fits
+    frugal = PlanInput(gradient_checkpointing=True, vram=12 * GIB)
+    assert estimate(arch, dataclasses.replace(frugal, seq=longest)).fits
+    assert not estimate(arch, dataclasses.replace(frugal, seq=longest + 1)).fits
     with pytest.raises(PlanError, match="does not fit even at seq 1"):
         fit_to_vram(arch, PlanInput(quant="none"), 8 * GIB)
     with pytest.raises(PlanError, match="^--vram must be a positive number of bytes, got 0$"):
@@ -529,3 +533,344 @@ def test_data_parallel_and_fsdp_plans_are_per_gpu():
 def test_bad_parallel_inputs_name_the_flag(kwargs, flag):
     with pytest.raises(PlanError, match=flag):
         PlanInput(**kwargs)
+
+
+# ------------------------------------------------------------------------------ the loss qtune runs
+
+
+def _peak_bytes(step) -> int:
+    """The peak of CPU bytes allocated while `step` runs, above what was allocated before it: the running sum of
+    the allocator's events (torch.profiler with profile_memory), so every tensor an op materializes counts."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    sizes = []
+
+    def walk(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def _vocab_arch(tmp_path, vocab: int, softcap: float | None = None) -> dict:
+    """A small architecture with a large vocabulary, from a config.json alone (the loss is all about V)."""
+    config = {
+        "model_type": "gemma2" if softcap else "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+    }
+    if softcap:
+        config["final_logit_softcapping"] = softcap
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return load_arch(str(tmp_path))
+
+
+def _loss_peak(arch: dict, batch: int, seq: int, trained: int, loss: str) -> int:
+    """Peak bytes of the LM head and the loss of one micro-batch, forward and backward, on top of the final norm's
+    output: exactly what qtune's SFTTrainer does after the decoder (qtune/train/hooks.py, `logits_to_keep` as
+    transformers slices it), or transformers' own loss on every position."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.modeling_utils import slice_logits_to_keep
+
+    from qtune.train.hooks import trained_positions_loss
+
+    torch.manual_seed(0)
+    h, vocab = arch["hidden_size"], arch["vocab_size"]
+    head = torch.nn.Linear(h, vocab, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(batch, seq, h, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[:, : seq - trained] = -100  # a prompt, then `trained` answer tokens
+    cap = arch.get("final_logit_softcapping")
+
+    def project(states):
+        logits = head(states)
+        if cap:  # as Gemma2ForCausalLM does
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        return logits
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if loss == "full":
+                total = ForCausalLMLoss(project(hidden), labels, vocab)  # the logits die with the model's outputs
+            else:
+                shifted = labels[:, 1:]
+                trained_here = shifted != -100
+                keep = torch.zeros_like(labels, dtype=torch.bool)
+                keep[:, :-1] = trained_here
+                loss_sum, _, _ = trained_positions_loss(
+                    project(slice_logits_to_keep(hidden, keep)), shifted[trained_here]
+                )
+                total = loss_sum / trained_here.sum()
+        total.backward()
+
+    return _peak_bytes(step)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "batch", "seq", "trained", "softcap"),
+    [
+        (65536, 2, 640, 600, None),  # 1,200 trained positions in chunks of 256 rows: the checkpointed path
+        (65536, 1, 640, 100, None),  # 100 positions: one chunk, no checkpoint
+        (32768, 2, 512, 512, 30.0),  # soft-capped logits (Gemma-2): the tanh output is kept too
+    ],
+)
+def test_chunked_loss_plan_matches_the_bytes_it_allocates(tmp_path, vocab, batch, seq, trained, softcap):
+    """The planner's "logits and loss" for qtune's chunked loss is the peak the loss really allocates on top of the
+    decoder's output, counted by the allocator (CPU), for the trained positions only (`trained_tokens`)."""
+    arch = _vocab_arch(tmp_path, vocab, softcap)
+    measured = _loss_peak(arch, batch, seq, trained, "chunked")
+    # `trained` labels per row, each predicted by the position before it (a label at position 0 has none).
+    inp = PlanInput(seq=seq, batch=batch, trained_tokens=min(trained, seq - 1), loss="chunked")
+    planned = estimate(arch, inp).breakdown["logits and loss"]
+    assert planned == pytest.approx(measured, rel=0.01)
+
+
+def test_full_loss_plan_matches_the_bytes_it_allocates(tmp_path):
+    """transformers' own loss (what plain HF scripts run; the published peers' rows): fp32 logits at every
+    position, 12 bytes per position per vocabulary entry at the peak."""
+    arch = _vocab_arch(tmp_path, 32768)
+    measured = _loss_peak(arch, 2, 512, 512, "full")
+    planned = estimate(arch, PlanInput(seq=512, batch=2, loss="full")).breakdown["logits and loss"]
+    assert planned == pytest.approx(measured, rel=0.01)
+
+
+def test_the_chunked_loss_plans_below_the_full_loss_and_scales_with_trained_positions():
+    arch = load_arch("llama-3.1-8b")
+
+    def loss(**kw):
+        return estimate(arch, PlanInput(seq=2048, **kw)).breakdown["logits and loss"]
+
+    assert loss(loss="fused") < loss(loss="chunked", trained_tokens=256) < loss(loss="chunked") < loss(loss="full")
+    # Every position trained: 16-bit logits, their accumulated gradient and one more chunk's (6 bytes per entry),
+    # and the 16-bit gradient of one chunk of 2**24 / V rows.
+    vocab = arch["vocab_size"]
+    assert loss(loss="chunked") == 6 * 2048 * vocab + 2 * (2**24 // vocab) * vocab
+    assert loss(loss="full") == 12 * 2048 * arch["vocab_size"]
+    assert loss(loss="chunked", trained_tokens=4096) == loss(loss="chunked")  # at most seq positions
+
+
+# ------------------------------------------------------------------------------ 8-bit and paged optimizers
+
+
+def test_8bit_optimizer_states_match_bitsandbytes(tiny):
+    """bitsandbytes' 8-bit AdamW (what train.optim adamw8bit runs) on the LoRA weights of a tiny model: the states it
+    allocates are the plan's, to the byte (8-bit blockwise for tensors of >= 4096 values, fp32 below, the two
+    256-entry quantization maps once)."""
+    import bitsandbytes as bnb
+
+    folder = tiny("llama")
+    model = attach_lora(_load(folder, "none", False, dtype="fp32"), LoraConfig(r=32, targets="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW(params, optim_bits=8, is_paged=False)  # transformers' adamw_bnb_8bit
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    storages: dict[int, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    plan = estimate(load_arch(str(folder)), PlanInput(lora_r=32, optim="adamw8bit"))
+    assert {p.numel() >= 4096 for p in params} == {True, False}  # both kinds of tensor are in the test
+    assert plan.breakdown["optimizer states"] == sum(storages.values())
+    assert plan.paged == 0
+
+
+def test_paged_states_are_counted_on_the_gpu_but_outside_torchs_allocator():
+    arch = load_arch("llama-3.1-8b")
+    plain, paged = (estimate(arch, PlanInput(lora_r=64, optim=o)) for o in ("adamw8bit", "paged_adamw8bit"))
+    assert plain.breakdown["optimizer states"] == paged.breakdown["optimizer states"]
+    # States of >= 1e5 values are in unified memory: not in torch.cuda.max_memory_allocated, not in its headroom.
+    assert 0 < paged.paged < paged.breakdown["optimizer states"]
+    assert paged.peak_allocated == plain.peak_allocated - paged.paged
+    assert paged.total < plain.total
+    assert any("unified memory" in note for note in paged.notes)
+    assert paged.to_dict()["paged_optimizer_states"] == paged.paged
+
+
+# ------------------------------------------------------------------------------ the same defaults as training
+
+
+def test_plan_defaults_are_a_default_training_configs():
+    from qtune.config import DataConfig, RunConfig
+
+    cfg = RunConfig()
+    inp = PlanInput.from_config(cfg, seq=2048, batch=1)
+    assert inp == PlanInput(seq=2048, batch=1)  # checkpointing off, adamw, nf4 + dq, r=16 all-linear, chunked loss
+    assert not inp.gradient_checkpointing and inp.optim == "adamw" and inp.loss == "chunked"
+    assert PlanInput.from_config(cfg, seq=8, batch=1, gpus=1).loss == "chunked"
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_loss=False))
+    assert PlanInput.from_config(off, seq=8, batch=1).loss == "fused"
+    assert DataConfig.__dataclass_fields__["max_length"].default == 1024  # what `qtune plan` defaults --seq to
+
+
+def test_cli_plan_defaults_equal_a_default_config(capsys):
+    from qtune.cli import main
+    from qtune.config import RunConfig
+
+    main(["plan", "llama-3.1-8b", "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    cfg = RunConfig()
+    expected = PlanInput.from_config(cfg, seq=cfg.data.max_length, batch=cfg.train.batch_size)
+    assert shown["input"] == dataclasses.asdict(expected)
+    assert shown["breakdown"] == estimate(load_arch("llama-3.1-8b"), expected).breakdown  # the full breakdown
+    assert shown["trained_positions"] == cfg.data.max_length * cfg.train.batch_size
+
+
+# ------------------------------------------------------------------------------ bad input to `qtune plan`
+
+
+def _plan_error(capsys, *argv) -> str:
+    from qtune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_plan_bad_vram_is_one_line_naming_the_flag(capsys):
+    assert _plan_error(capsys, "llama-2-7b", "--vram", "abc") == (
+        "error: --vram: cannot read 'abc'; use e.g. 8GB, 8G, 8192MiB"
+    )
+    for argv in (["--vram=-8GB"], ["--vram", "-8GB"], ["--vram", "-0.5G"]):
+        assert _plan_error(capsys, "llama-2-7b", *argv).startswith("error: --vram must be a positive size, got '-")
+    assert _plan_error(capsys, "llama-2-7b", "--vram", "0") == "error: --vram must be a positive size, got '0'"
+    # A real option after --vram is still an option: argparse's own line, naming --vram.
+    assert "--vram" in _plan_error(capsys, "llama-2-7b", "--vram", "--json")
+
+
+def test_plan_unknown_model_says_what_is_known(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _plan_error(capsys, "llama-9b")
+    assert err.startswith("error: --model: unknown architecture 'llama-9b': not built in (")
+    assert all(name in err for name in BUILTIN)
+
+
+def test_plan_vram_too_small_for_any_setting_names_the_smallest_that_fits(capsys):
+    err = _plan_error(capsys, "llama-3.1-8b", "--vram", "2GB")
+    arch = load_arch("llama-3.1-8b")
+    least = estimate(arch, PlanInput(seq=1, batch=1, gradient_checkpointing=True)).total
+    assert err.startswith("error: --vram 2.00 GiB is too small for llama-3.1-8b (nf4, LoRA r=16, adamw) at any")
+    assert f"the smallest that fits is {least / GIB:.2f} GiB (seq 1, micro-batch 1, checkpointing on)" in err
+    # Not at the default micro-batch, but at a smaller one: a plan that says so, not an error.
+    from qtune.cli import main
+
+    main(["plan", "llama-3.1-8b", "--vram", "12GB"])
+    out = capsys.readouterr().out
+    assert "does NOT fit in 12.00 GiB" in out and "largest batch at seq 1024" in out
+
+
+# ------------------------------------------------------------------------------ train.vram
+
+
+@pytest.fixture()
+def sft_cfg(tmp_path, tiny_model_dir):
+    from qtune.config import load_config
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"review {i}: it was {w}"}, {"role": "assistant", "content": w}]}
+        for i, w in enumerate(["great", "dull", "fine", "bad"] * 2)
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def make(*overrides):
+        return load_config(
+            None,
+            [
+                f"model.name={tiny_model_dir}",
+                "model.dtype=fp32",
+                "quant.method=none",
+                f"data.train={data}",
+                "train.max_steps=1",
+                "train.batch_size=4",
+                "lora.r=4",
+                f"output.dir={tmp_path / 'adapters'}",
+                "output.name=run",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def _longest(cfg) -> int:
+    """The longest tokenized example of the config's data, padded as batched (what the check plans at)."""
+    from qtune.data import load_train
+    from qtune.models import load_tokenizer
+
+    examples, _ = load_train(cfg.data, load_tokenizer(cfg.model.name), cfg.train.seed)
+    longest = max(examples.lengths())
+    return -(-longest // 8) * 8
+
+
+def test_train_vram_refuses_a_run_that_does_not_fit_before_the_model_loads(sft_cfg, monkeypatch, tmp_path):
+    from qtune.config import ConfigError
+    from recipes import sft
+
+    monkeypatch.setattr(sft.models, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the check"))
+    probe = sft_cfg()
+    arch, seq = load_arch(str(probe.model.name)), _longest(probe)
+    need = {b: estimate(arch, PlanInput.from_config(probe, seq=seq, batch=b)).total for b in (2, 4)}
+    budget = (need[2] + need[4]) // 2  # holds micro-batch 2, not 4
+    cfg = sft_cfg(f"train.vram={budget}B")
+    with pytest.raises(ConfigError) as e:
+        sft.main(cfg)
+    message = str(e.value)
+    assert message.startswith(
+        f"train.vram={budget}B: this run needs {need[4] / GIB:.2f} GiB at seq {seq} (longest example) x batch 4"
+    )
+    assert "lower train.batch_size (fits at 2)" in message
+    assert f"train.fit_to_vram={budget}B (it would choose micro-batch 2 x grad_accum 2" in message
+    assert not (tmp_path / "adapters" / "run").exists()
+
+
+def test_train_vram_that_fits_lets_the_run_go_on(sft_cfg, monkeypatch, capsys):
+    from recipes import sft
+
+    class Loaded(Exception):
+        pass
+
+    def load_base(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(sft.models, "load_base", load_base)
+    with pytest.raises(Loaded):
+        sft.main(sft_cfg("train.vram=24GB"))
+    assert "train.vram 24GB: planned peak" in capsys.readouterr().out
+
+
+def test_train_vram_nothing_fits_names_max_length(sft_cfg, monkeypatch):
+    from qtune.config import ConfigError
+    from recipes import sft
+
+    monkeypatch.setattr(sft.models, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the check"))
+    with pytest.raises(ConfigError, match=r"^train.vram=1MiB: this run needs .*use a smaller base"):
+        sft.main(sft_cfg("train.vram=1MiB"))
+
+
+@pytest.mark.parametrize("value", ["lots", "-8GB", "0"])
+def test_train_vram_is_validated_when_read(value):
+    from qtune.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^train\.vram: --vram"):
+        TrainConfig(vram=value)

@@ -186,6 +186,11 @@ class TrainConfig:
     fit_to_vram: str | None = _help(
         "GPU memory to fit (e.g. 8GB): choose micro-batch, grad_accum and checkpointing from `qtune plan`.", None
     )
+    vram: str | None = _help(
+        "GPU memory the run must fit (e.g. 12GB): a run `qtune plan` says needs more, at the longest example, is "
+        "refused before the model loads, naming the setting to change. Unset: no check.",
+        None,
+    )
     fsdp: bool = _help(
         "Shard the base, adapters and optimizer over the processes of a torchrun / accelerate launch (FSDP); "
         "4-bit weights are then stored in the compute dtype so they shard. Off: each process holds a copy (DDP).",
@@ -245,13 +250,14 @@ class TrainConfig:
         if self.eval_max_examples <= 0:
             raise ConfigError(f"train.eval_max_examples must be positive, got {self.eval_max_examples}")
         self.report_to = _report_to(self.report_to)
-        if self.fit_to_vram is not None:
-            from qtune.plan import PlanError, parse_bytes
+        for key in ("fit_to_vram", "vram"):
+            if getattr(self, key) is not None:
+                from qtune.plan import PlanError, parse_bytes
 
-            try:
-                parse_bytes(self.fit_to_vram)
-            except PlanError as e:
-                raise ConfigError(f"train.fit_to_vram: {e}") from None
+                try:
+                    parse_bytes(getattr(self, key))
+                except PlanError as e:
+                    raise ConfigError(f"train.{key}: {e}") from None
 
 
 # What train.report_to accepts: transformers' own logging integrations (it holds their callbacks), and auto / none.

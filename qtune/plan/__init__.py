@@ -11,8 +11,8 @@ from qtune.plan.arch import (
     quant_constant_bytes,
     weight_bytes,
 )
-from qtune.plan.memory import COMPONENTS, MIB
-from qtune.plan.planner import GIB, Plan, PlanInput, estimate, fit_to_vram, parse_bytes
+from qtune.plan.memory import COMPONENTS, MIB, trained_positions
+from qtune.plan.planner import GIB, Plan, PlanInput, estimate, fit_to_vram, frugal, parse_bytes, refuse_too_small
 
 __all__ = [
     "ALIASES",
@@ -27,8 +27,11 @@ __all__ = [
     "PlanInput",
     "estimate",
     "fit_to_vram",
+    "frugal",
     "load_arch",
     "parse_bytes",
     "quant_constant_bytes",
+    "refuse_too_small",
+    "trained_positions",
     "weight_bytes",
 ]

@@ -68,12 +68,32 @@ def _lora_tensors(arch: dict, inp: PlanInput) -> list[int]:
     return sizes
 
 
-def _optimizer_bytes(sizes: list[int], optim: str) -> int:
+# bitsandbytes 8-bit optimizers (bitsandbytes/optim/optimizer.py, 0.50): tensors of fewer than min_8bit_size values
+# keep fp32 states; the others two uint8 states, each with one fp32 absmax per 256 values, and the optimizer moves
+# its two 256-entry fp32 quantization maps to the GPU once. A paged optimizer allocates a state of >= 1e5 values in
+# CUDA unified memory (cudaMallocManaged), outside torch's allocator; smaller ones and the absmax are ordinary tensors.
+MIN_8BIT_SIZE = 4096
+OPTIM_BLOCK = 256
+QMAPS = 2 * 256 * 4
+PAGED_MIN = 100_000
+
+
+def _optimizer_bytes(sizes: list[int], optim: str) -> tuple[int, int]:
+    """(all optimizer-state bytes, the part a paged optimizer puts in unified memory)."""
     if optim == "adamw":
-        return 8 * sum(sizes)  # exp_avg and exp_avg_sq, fp32
-    # bitsandbytes 8-bit Adam: two uint8 states + one fp32 absmax per 256 values each, but only
-    # for tensors of >= 4096 values (min_8bit_size); smaller ones keep fp32 states.
-    return sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes)
+        return 8 * sum(sizes), 0  # exp_avg and exp_avg_sq, fp32 (torch's AdamW)
+    paged = optim.startswith("paged")
+    total = managed = 0
+    for n in sizes:
+        if n < MIN_8BIT_SIZE:
+            total += 8 * n
+            managed += 8 * n if paged and n >= PAGED_MIN else 0
+        else:
+            total += 2 * n + 8 * -(-n // OPTIM_BLOCK)
+            managed += 2 * n if paged and n >= PAGED_MIN else 0
+    if any(n >= MIN_8BIT_SIZE for n in sizes):
+        total += QMAPS
+    return total, managed
 
 
 def _layer_activations(arch: dict, inp: PlanInput, upcast: bool) -> int:
@@ -135,8 +155,9 @@ def _distinct_inputs(adapted: list[tuple[str, int, int, bool]]) -> list[int]:
     return list(seen.values())
 
 
-def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
-    h, v, layers = arch["hidden_size"], arch["vocab_size"], arch["num_hidden_layers"]
+def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int, int]:
+    """(bytes per component, LoRA parameters, optimizer-state bytes a paged optimizer keeps in unified memory)."""
+    h, layers = arch["hidden_size"], arch["num_hidden_layers"]
     tokens = inp.seq * inp.batch
     cb = DTYPE_BYTES[inp.dtype]
     autocast = inp.dtype != "fp32"
@@ -160,6 +181,7 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
 
     sizes = _lora_tensors(arch, inp)
     lora_params = sum(sizes)
+    optimizer, managed = _optimizer_bytes(sizes, inp.optim)
     # PEFT keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype). Under autocast
     # each forward makes a 16-bit copy of every LoRA weight and autograd keeps it until backward;
     # with checkpointing only the layers that are not checkpointed and the one being recomputed hold theirs.
@@ -178,15 +200,7 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
     mask = inp.batch * inp.seq * inp.seq if inp.batch > 1 else 0  # padded batch: a bool (b,1,s,s) mask
     activations += rope + final_norm + mask
 
-    # Logits, conservatively for every position (trl projects all of them unless a chunked or
-    # fused loss is used): transformers upcasts them to fp32, log_softmax keeps its fp32 output
-    # for backward, and backward holds two fp32 gradients of the same size: 12 bytes per
-    # position per vocabulary entry (the common "s*V*4" estimate is the first of these three).
-    logits = tokens * v * 12
-    if arch.get("final_logit_softcapping"):
-        logits += tokens * v * cb  # tanh(logits / cap) keeps its 16-bit output
-    if upcast and autocast:
-        logits += v * h * cb  # the fp32 lm_head weight's 16-bit autocast copy, kept for backward
+    logits = _loss_bytes(arch, inp, upcast)
 
     parts = {
         "quantized weights": linear_q,
@@ -194,7 +208,7 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
         "quantization constants": quant_constant_bytes(arch, inp.quant, inp.double_quant),
         "LoRA parameters": 4 * lora_params + lora_copies,
         "LoRA gradients": 4 * lora_params,
-        "optimizer states": _optimizer_bytes(sizes, inp.optim),
+        "optimizer states": optimizer,
         "activations": activations,
         "logits and loss": logits,
     }
@@ -209,9 +223,73 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int]:
         for key in COMPONENTS[:6]:
             parts[key] = -(-parts[key] // inp.gpus)
         parts["data-parallel buffers"] = unquantized + 2 * layer_unit
-    parts["CUDA context and allocator headroom"] = CUDA_CONTEXT + int(ALLOCATOR_HEADROOM * sum(parts.values()))
-    return parts, lora_params
+    if inp.gpus > 1 and inp.sharding == "fsdp":
+        managed = -(-managed // inp.gpus)
+    # Paged states live in unified memory, outside torch's caching allocator: no allocator headroom on them.
+    parts["CUDA context and allocator headroom"] = CUDA_CONTEXT + int(
+        ALLOCATOR_HEADROOM * (sum(parts.values()) - managed)
+    )
+    return parts, lora_params, managed
 
 
 def _total(arch: dict, inp: PlanInput) -> int:
     return sum(_breakdown(arch, inp)[0].values())
+
+
+# qtune's chunked loss (qtune/train/hooks.py, trained_positions_loss): rows per fp32 chunk, ~64 MiB of fp32 each.
+LOSS_CHUNK_ELEMENTS = 1 << 24
+# trl's fused LM head (trl/kernels/chunked_logprob.py): tiles of 4096 tokens x 32768 vocabulary entries.
+FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
+
+
+def trained_positions(inp: PlanInput) -> int:
+    """Positions of one micro-batch whose logits the loss keeps: every position unless `trained_tokens` says fewer."""
+    per_example = inp.seq if inp.trained_tokens is None else min(inp.trained_tokens, inp.seq)
+    return inp.batch * per_example
+
+
+def _loss_bytes(arch: dict, inp: PlanInput, upcast: bool) -> int:
+    """Peak bytes of the LM head and the loss, on top of the activations (reached in the loss's backward, while
+    every activation is still held). c = compute-dtype bytes, V = vocabulary, n = trained positions.
+
+    - "chunked" (qtune's `train.chunked_loss`, the default): transformers' `logits_to_keep` projects only the n
+      trained positions, so the logits are n x V in 16-bit; the cross-entropy runs in fp32 on chunks of
+      r = 2**24 / V rows, each inside a non-reentrant checkpoint whose closure keeps the logits alive until the
+      last chunk's backward. Each chunk's backward recomputes log_softmax (4 r V), the nll and log_softmax
+      gradients (4 r V each), casts them to 16-bit, and slicing's backward returns a full n x V zero-filled
+      gradient that autograd adds into the one accumulated so far: 3 n V c at the peak (kept logits,
+      accumulated gradient, the chunk's new one), or 2 n V c + 12 r V before it. With one chunk (n <= r) there
+      is no checkpoint, and the forward peaks: the logits, log_softmax's kept fp32 output, and the three fp32
+      temporaries of the logged entropy (log-probabilities, their exp, the product): (c + 16) n V.
+    - "fused" (`train.chunked_loss: false`: trl's fused LM head): the logits never exist; it keeps the trained
+      positions' hidden states (n h c), accumulates their gradient in fp32 (4 n h) and works in one tile of
+      4096 tokens x 32768 vocabulary entries (c each).
+    - "full" (transformers' own loss, what plain HF / trl scripts of 2023-24 run): every position is projected
+      and upcast to fp32; log_softmax keeps its fp32 output and backward holds two fp32 gradients: 12 b s V.
+    Soft-capped logits (Gemma-2) keep their 16-bit tanh output too; after k-bit preparation the fp32 lm_head's
+    16-bit autocast copy (V h c) is kept for backward.
+    """
+    h, v = arch["hidden_size"], arch["vocab_size"]
+    c = DTYPE_BYTES[inp.dtype]
+    autocast = inp.dtype != "fp32"
+    softcap = bool(arch.get("final_logit_softcapping"))
+    if inp.loss == "fused":
+        n = trained_positions(inp)
+        tile = min(n, FUSED_TOKENS) * min(v, FUSED_VOCAB) * c
+        weight_chunk = min(v, FUSED_VOCAB) * h * c if upcast and autocast else 0  # each vocabulary chunk cast
+        return n * h * (2 * c + 4) + 16 * n + tile + weight_chunk
+    if inp.loss == "full":
+        n = inp.batch * inp.seq
+        peak = 12 * n * v
+    else:
+        n = trained_positions(inp)
+        rows = min(n, max(1, LOSS_CHUNK_ELEMENTS // v))
+        if n <= rows:  # no checkpoint: log_softmax keeps its output; the logged entropy's fp32 temporaries
+            peak = (c + 4 + 12) * n * v
+        else:
+            peak = max(2 * n * v * c + 12 * rows * v, 3 * n * v * c + rows * v * c)
+    if softcap:
+        peak += n * v * c  # tanh(logits / cap) keeps its 16-bit output for backward
+    if upcast and autocast:
+        peak += v * h * c  # the fp32 lm_head weight's 16-bit autocast copy, kept for backward
+    return peak

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from qtune.plan.arch import DTYPE_BYTES, QUANTS, PlanError, weight_bytes
-from qtune.plan.memory import COMPONENTS, CUDA_CONTEXT, _breakdown, _total
+from qtune.plan.memory import COMPONENTS, CUDA_CONTEXT, _breakdown, _total, trained_positions
 
 if TYPE_CHECKING:
     from qtune.config import RunConfig
@@ -82,7 +82,7 @@ class PlanInput:
     double_quant: bool = _help("Quantize the 4-bit block scales too.", True)
     lora_r: int = _help("LoRA rank.", 16)
     targets: str | list[str] = _help("'all-linear', or module names (a list or 'q_proj,v_proj').", "all-linear")
-    gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", True)
+    gradient_checkpointing: bool = _help("Recompute activations in backward (non-reentrant).", False)
     optim: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = _help("Optimizer of the LoRA weights.", "adamw")
     dtype: Literal["bf16", "fp16", "fp32"] = _help("Compute dtype (mixed precision unless fp32).", "bf16")
     vram: int | None = _help("GPU memory in bytes to plan against (None: just report).", None)
@@ -91,6 +91,16 @@ class PlanInput:
     checkpoint_every: int = _help(
         "With checkpointing: only every k-th decoder layer recomputes (1: all); the others keep their activations.",
         1,
+    )
+    loss: Literal["chunked", "fused", "full"] = _help(
+        "The LM head and loss: 'chunked' (qtune's train.chunked_loss: logits at trained positions only, fp32 "
+        "cross-entropy in chunks), 'fused' (train.chunked_loss false: trl's fused LM head, no logits kept) or "
+        "'full' (transformers' own loss: every position's logits upcast to fp32; plain HF / trl scripts).",
+        "chunked",
+    )
+    trained_tokens: int | None = _help(
+        "Trained (label) positions per example, where the chunked and fused losses keep logits (None: all seq).",
+        None,
     )
     upcast_kbit: bool = _help(
         "Model peft's prepare_model_for_kbit_training, which casts every non-quantized weight to fp32 (the "
@@ -115,6 +125,7 @@ class PlanInput:
             dtype=cfg.model.dtype,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             checkpoint_every=cfg.train.checkpoint_every,
+            loss="chunked" if cfg.train.chunked_loss else "fused",
             gpus=int(os.environ.get("WORLD_SIZE", "1")),  # under torchrun / accelerate: plan per GPU
             sharding="fsdp" if cfg.train.fsdp else "ddp",
         )
@@ -136,9 +147,13 @@ class PlanInput:
             ("optim", ("adamw", "adamw8bit", "paged_adamw8bit")),
             ("dtype", tuple(DTYPE_BYTES)),
             ("sharding", ("ddp", "fsdp")),
+            ("loss", ("chunked", "fused", "full")),
         ):
             if getattr(self, key) not in options:
                 raise PlanError(f"--{key} must be one of {', '.join(options)}; got {getattr(self, key)!r}")
+        tt = self.trained_tokens
+        if tt is not None and (not isinstance(tt, int) or isinstance(tt, bool) or tt <= 0):
+            raise PlanError(f"--trained-tokens must be a positive integer, got {tt!r}")
         if self.targets == ["all-linear"]:
             self.targets = "all-linear"
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -164,6 +179,7 @@ class Plan:
     breakdown: dict[str, int]
     lora_params: int
     reported_weights: int  # what get_memory_footprint() reports once loaded (before k-bit prep)
+    paged: int = 0  # optimizer states a paged optimizer keeps in CUDA unified memory (in "optimizer states")
     vram: int | None = None
     max_seq: int | None = None  # longest seq that fits at this batch (None without vram)
     max_batch: int | None = None  # largest batch that fits at this seq (None without vram)
@@ -175,13 +191,14 @@ class Plan:
 
     @property
     def peak_allocated(self) -> int:
-        """The peak of torch.cuda.max_memory_allocated(): everything but context and headroom."""
-        return self.total - self.breakdown["CUDA context and allocator headroom"]
+        """The peak of torch.cuda.max_memory_allocated(): everything but context, headroom and paged states
+        (bitsandbytes allocates those with cudaMallocManaged, outside torch's allocator)."""
+        return self.total - self.breakdown["CUDA context and allocator headroom"] - self.paged
 
     @property
     def peak_reserved(self) -> int:
-        """The peak of torch.cuda.max_memory_reserved(): everything but the CUDA context."""
-        return self.total - CUDA_CONTEXT
+        """The peak of torch.cuda.max_memory_reserved(): everything but the CUDA context and paged states."""
+        return self.total - CUDA_CONTEXT - self.paged
 
     @property
     def fits(self) -> bool | None:
@@ -197,6 +214,8 @@ class Plan:
             "peak_allocated": self.peak_allocated,
             "peak_reserved": self.peak_reserved,
             "reported_weights": self.reported_weights,
+            "paged_optimizer_states": self.paged,
+            "trained_positions": trained_positions(self.input),
             "lora_params": self.lora_params,
             "vram": self.vram,
             "fits": self.fits,
@@ -215,6 +234,7 @@ class Plan:
             f"checkpointing {_checkpointing(inp)}"
             + (f"; per GPU of {inp.gpus} ({inp.sharding})" if inp.gpus > 1 else ""),
             f"LoRA r={inp.lora_r} on {targets}: {self.lora_params:,} trainable parameters",
+            f"loss: {_loss_line(inp)}",
             "",
         ]
         width = max(map(len, COMPONENTS))
@@ -235,6 +255,14 @@ class Plan:
             ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _loss_line(inp: PlanInput) -> str:
+    trained = "every position" if inp.trained_tokens is None else f"{inp.trained_tokens:,} trained positions"
+    if inp.loss == "full":
+        return f"transformers' own, fp32 logits at every position ({inp.seq * inp.batch:,})"
+    what = "chunked fp32 cross-entropy" if inp.loss == "chunked" else "trl's fused LM head"
+    return f"{what}, logits at {trained} of each example ({trained_positions(inp):,} per micro-batch)"
 
 
 def _count(n: int | None) -> str:
@@ -265,18 +293,29 @@ def estimate(arch: dict, inp: PlanInput) -> Plan:
     Raises:
         PlanError: a target module the architecture does not have.
     """
-    parts, lora_params = _breakdown(arch, inp)
+    parts, lora_params, paged = _breakdown(arch, inp)
     plan = Plan(
         arch=arch["name"],
         input=inp,
         breakdown=parts,
         lora_params=lora_params,
         reported_weights=weight_bytes(arch, inp.quant, inp.double_quant, inp.dtype),
+        paged=paged,
         vram=inp.vram,
     )
     if inp.vram is not None:
         plan.max_seq = _largest(lambda s: _total(arch, dataclasses.replace(inp, seq=s)) <= inp.vram)
         plan.max_batch = _largest(lambda b: _total(arch, dataclasses.replace(inp, batch=b)) <= inp.vram)
+    if plan.fits is False:  # what would: the search train.fit_to_vram runs
+        try:
+            micro, accum = fit_to_vram(arch, inp, inp.vram)
+            ckpt = "on" if micro.gradient_checkpointing else "off"
+            how = f"--batch {micro.batch} --gradient-checkpointing {ckpt}"
+            if accum > 1:  # train.fit_to_vram keeps the examples per step with gradient accumulation
+                how += f" (x gradient accumulation {accum}: train.fit_to_vram in a config chooses the same)"
+            plan.notes.append(f"fits with {how}")
+        except PlanError:
+            pass  # not at this length: max_seq says how long
     limit = arch.get("max_position_embeddings")
     if limit and inp.seq > limit:
         plan.notes.append(f"--seq {inp.seq} is beyond {arch['name']}'s trained context of {limit} tokens")
@@ -284,8 +323,12 @@ def estimate(arch: dict, inp: PlanInput) -> Plan:
         plan.notes.append(f"model_type {arch['model_type']!r} is treated as llama-like; its numbers are unverified")
     if arch["model_type"] == "gemma2":
         plan.notes.append("gemma2 runs eager attention (SDPA cannot soft-cap): activations grow with seq^2")
-    if inp.optim == "paged_adamw8bit":
-        plan.notes.append("paged optimizer states can spill to CPU memory under pressure; counted here in full")
+    if paged:
+        plan.notes.append(
+            f"paged_adamw8bit: {_gib(paged)} of the optimizer states are in CUDA unified memory, counted here on "
+            "the GPU (the driver moves them to CPU memory only under pressure, at a cost in speed); torch's "
+            "allocator does not see them"
+        )
     return plan
 
 
@@ -321,4 +364,30 @@ def fit_to_vram(arch: dict, inp: PlanInput, vram: int) -> tuple[PlanInput, int]:
     raise PlanError(
         f"--seq {inp.seq}: even micro-batch 1 with gradient checkpointing needs {_gib(_total(arch, one))} "
         f"of {_gib(vram)}; the longest sequence that fits is {longest:,} tokens"
+    )
+
+
+def frugal(inp: PlanInput) -> PlanInput:
+    """`inp` at its least memory without changing what is trained: micro-batch 1, every layer checkpointed."""
+    return dataclasses.replace(inp, batch=1, gradient_checkpointing=True, checkpoint_every=1)
+
+
+def refuse_too_small(arch: dict, inp: PlanInput) -> None:
+    """Raise if `inp.vram` fits the run at no micro-batch, checkpointing or sequence length, naming the smallest
+    VRAM that would (at seq 1, and at `inp.seq`); nothing without a vram or when something fits.
+
+    Raises:
+        PlanError: naming --vram.
+    """
+    if inp.vram is None:
+        return
+    least = frugal(dataclasses.replace(inp, seq=1, vram=None))
+    need = _total(arch, least)
+    if need <= inp.vram:
+        return
+    at_seq = _total(arch, frugal(dataclasses.replace(inp, vram=None)))
+    raise PlanError(
+        f"--vram {_gib(inp.vram)} is too small for {arch['name']} ({inp.quant}, LoRA r={inp.lora_r}, {inp.optim}) "
+        f"at any micro-batch, checkpointing or sequence length: the smallest that fits is {_gib(need)} (seq 1, "
+        f"micro-batch 1, checkpointing on), {_gib(at_seq)} at --seq {inp.seq}"
     )

@@ -89,6 +89,12 @@ def _restore_finished(trainer, checkpoint_dir: Path):
     return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
+def _padded(cfg: RunConfig, longest: int) -> int:
+    """The longest example's length as batched: padded up to train.pad_to_multiple_of."""
+    multiple = cfg.train.pad_to_multiple_of
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
 def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfig, str]:
     """Apply `train.fit_to_vram`: pick micro-batch, grad_accum and checkpointing that fit, per qtune.plan.
 
@@ -99,8 +105,7 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
     from qtune import plan
 
     vram = plan.parse_bytes(cfg.train.fit_to_vram)
-    multiple = cfg.train.pad_to_multiple_of
-    longest = -(-longest // multiple) * multiple if multiple else longest  # the batch is padded up to it
+    longest = _padded(cfg, longest)
     # The effective batch, to be split into micro-batches x accumulation.
     wanted = plan.PlanInput.from_config(cfg, seq=longest, batch=cfg.train.batch_size * cfg.train.grad_accum)
     arch = plan.load_arch(str(base_path))
@@ -127,6 +132,70 @@ def fit_to_vram(cfg: RunConfig, base_path: Path, longest: int) -> tuple[RunConfi
     if chosen.gradient_checkpointing and cfg.train.checkpoint_every > 1:
         note += f"; train.checkpoint_every {cfg.train.checkpoint_every} -> 1: fit_to_vram checkpoints every layer"
     return dataclasses.replace(cfg, train=train_cfg), note
+
+
+def check_vram(cfg: RunConfig, base_path: Path, longest: int) -> str:
+    """Apply `train.vram`: refuse, before any model loads, a run that qtune.plan says does not fit the stated GPU.
+
+    The run is planned as it is configured (quantization, LoRA, optimizer, dtype, checkpointing, loss, micro-batch
+    train.batch_size) at the `longest` tokenized example padded as batched: the same numbers train.fit_to_vram uses.
+    Returns a sentence with the planned peak.
+
+    Raises:
+        ConfigError: the run does not fit; the message names the settings that would make it fit.
+    """
+    from qtune import plan
+
+    t = cfg.train
+    vram = plan.parse_bytes(t.vram)
+    seq = _padded(cfg, longest)
+    arch = plan.load_arch(str(base_path))
+    inp = plan.PlanInput.from_config(cfg, seq=seq, batch=t.batch_size)
+    need = plan.estimate(arch, inp).total
+    where = f"at seq {seq} (longest example) x batch {t.batch_size}"
+    if need <= vram:
+        return f"train.vram {t.vram}: planned peak {need / 2**30:.2f} GiB {where}"
+
+    def largest_batch(run: plan.PlanInput) -> int:
+        return next((b for b in range(t.batch_size, 0, -1) if _fits(arch, dataclasses.replace(run, batch=b), vram)), 0)
+
+    fixes = []
+    smaller = largest_batch(inp) if t.batch_size > 1 else 0
+    if smaller:
+        fixes.append(f"lower train.batch_size (fits at {smaller})")
+    if not t.gradient_checkpointing or t.checkpoint_every > 1:
+        checkpointed = dataclasses.replace(inp, gradient_checkpointing=True, checkpoint_every=1)
+        at = largest_batch(checkpointed)
+        key = "set train.checkpoint_every=1" if t.gradient_checkpointing else "set train.gradient_checkpointing=true"
+        if at == t.batch_size:
+            fixes.append(key)
+        elif at > smaller:
+            fixes.append(f"{key} with train.batch_size={at}")
+    effective = dataclasses.replace(inp, batch=t.batch_size * t.grad_accum)
+    try:
+        micro, accum = plan.fit_to_vram(arch, effective, vram)
+        fixes.append(
+            f"train.fit_to_vram={t.vram} (it would choose micro-batch {micro.batch} x grad_accum {accum}, "
+            f"checkpointing {'on' if micro.gradient_checkpointing else 'off'})"
+        )
+    except plan.PlanError:  # not even micro-batch 1 with every layer checkpointed fits at this length
+        longest_fit = plan.estimate(arch, dataclasses.replace(plan.frugal(inp), vram=vram)).max_seq
+        if longest_fit:
+            fixes.append(
+                f"lower data.max_length to {longest_fit} (what fits at micro-batch 1 with gradient checkpointing)"
+            )
+        else:
+            fixes.append("use a smaller base, quant.method=nf4 or a lower lora.r: nothing fits at micro-batch 1")
+    raise ConfigError(
+        f"train.vram={t.vram}: this run needs {need / 2**30:.2f} GiB {where}, more than {vram / 2**30:.2f} GiB; "
+        + ", or ".join(fixes)
+    )
+
+
+def _fits(arch: dict, inp, vram: int) -> bool:
+    from qtune import plan
+
+    return plan.estimate(arch, inp).total <= vram
 
 
 def planned_steps(cfg: RunConfig, n_examples: int) -> int:

@@ -25,7 +25,7 @@ from qtune.data import apply_template, describe, hold_out
 from qtune.meta import Labels, new_meta
 from qtune.train import checkpoint
 from qtune.train.args import eval_steps, report_to
-from qtune.train.fit import fit, fit_to_vram, gathered_weights, planned_steps
+from qtune.train.fit import check_vram, fit, fit_to_vram, gathered_weights, planned_steps
 from qtune.train.loss_curve import eval_loss_points, loss_curve_png, loss_points
 
 
@@ -60,6 +60,8 @@ class Run:
         if self.cfg.train.fit_to_vram:  # micro-batch, accumulation and checkpointing that fit the GPU (qtune plan)
             self.cfg, note = fit_to_vram(self.cfg, self.base_path, longest)
             print(note)
+        if self.cfg.train.vram:  # a run the planner says does not fit the stated GPU is refused here
+            print(check_vram(self.cfg, self.base_path, longest))
         self.fingerprint = models.fingerprint_base(self.base_path)
         template = self.tokenizer.chat_template
         self.identity = checkpoint.identity(self.cfg, self.fingerprint, train_report.fingerprint, template)
