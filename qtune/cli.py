@@ -288,6 +288,12 @@ def _negative_size():
     return re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*[a-zA-Z]*$")
 
 
+def cmd_new(args) -> None:
+    from qtune.new import new_config
+
+    print(new_config(args.base, args.data, args.out, vram=args.vram, force=args.force).report())
+
+
 def cmd_merge(args) -> None:
     from qtune.export import merge
     from qtune.hub import resolve_adapter
@@ -479,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp", help="a copy per GPU, or FSDP-sharded")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("new", help="write a commented config for a base and a data file that fits your GPU")
+    p.add_argument("--base", required=True, help="built-in name (as `qtune plan`), a local model folder, or a hub id")
+    p.add_argument("--data", help="your data file (format detected); without it, a placeholder path to edit")
+    p.add_argument("--vram", help="GPU memory to fit: 12GB (default: this machine's GPU; none: a CPU config)")
+    p.add_argument("-o", "--out", required=True, help="the config to write, e.g. my.yaml (output.name: my)")
+    p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
+    p.set_defaults(func=cmd_new)
 
     p = sub.add_parser("merge", help="merge an adapter into its 16-bit base: a standalone HF model folder")
     p.add_argument("adapter", help=ADAPTER_ARG)

@@ -273,7 +273,26 @@ CONFIG = _cases(
         ("two-keys", ["train.lr", "lora.r"]),
     ],
 )
-CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *MERGE, *EXPORT, *SERVE, *PUSH]
+_NEW_ARGS = ["--data", "<good.jsonl>", "--vram", "8GB", "-o", NEW]
+NEW_VERB = _cases(
+    "new",
+    [
+        ("base-unknown", ["--base", "nope", *_NEW_ARGS]),
+        ("base-missing", ["--base", "<missing>", *_NEW_ARGS]),
+        ("base-empty-dir", ["--base", "<dir>", *_NEW_ARGS]),
+        *(
+            (f"data-{d.strip('<>')}", ["--base", "smollm2-135m", "--data", d, "--vram", "8GB", "-o", NEW])
+            for d in DATA_CORPUS
+        ),
+        ("data-surrogate", ["--base", "smollm2-135m", "--data", "<surrogate.jsonl>", "--vram", "8GB", "-o", NEW]),
+        ("vram-abc", ["--base", "smollm2-135m", "--data", "<good.jsonl>", "--vram", "abc", "-o", NEW]),
+        ("vram-too-small", ["--base", "llama-3.1-8b", *_NEW_ARGS[:2], "--vram", "1GB", "-o", NEW]),
+        ("out-exists", ["--base", "smollm2-135m", *_NEW_ARGS[:4], "-o", "<out-file>"]),
+        ("out-is-a-dir", ["--base", "smollm2-135m", *_NEW_ARGS[:4], "-o", "<dir>"]),
+        ("no-base", _NEW_ARGS),
+    ],
+)
+CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *NEW_VERB, *MERGE, *EXPORT, *SERVE, *PUSH]
 
 
 def test_the_corpus_covers_every_verb():

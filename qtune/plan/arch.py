@@ -29,6 +29,12 @@ _TABLE = {
     "gemma-2-9b": ("gemma2", 3584, 14336, 42, 16, 8, 256, 256000, True, 8192),  # 4 norms, soft-capped logits
     "phi-3-mini": ("phi3", 3072, 8192, 32, 32, 32, None, 32064, False, 4096),  # fused qkv and gate_up
     "smollm2-135m": ("llama", 576, 1536, 30, 9, 3, 64, 49152, True, 8192),
+    # https://huggingface.co/meta-llama/Llama-3.2-3B/blob/main/config.json
+    "llama-3.2-3b": ("llama", 3072, 8192, 28, 24, 8, 128, 128256, True, 131072),
+    # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json (q/k norms: planned as llama-like)
+    "qwen3-8b": ("qwen3", 4096, 12288, 36, 32, 8, 128, 151936, False, 40960),
+    # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json (text-only; the 4B+ are multimodal)
+    "gemma-3-1b": ("gemma3_text", 1152, 6912, 26, 4, 1, 256, 262144, True, 32768),
     "smollm2-1.7b": ("llama", 2048, 8192, 24, 32, 32, None, 49152, True, 8192),
 }
 _FIELDS = (
@@ -65,6 +71,13 @@ ALIASES: dict[str, str] = {
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
     "huggingfacetb/smollm2-1.7b": "smollm2-1.7b",
     "huggingfacetb/smollm2-1.7b-instruct": "smollm2-1.7b",
+    "meta-llama/llama-3.2-3b": "llama-3.2-3b",
+    "meta-llama/llama-3.2-3b-instruct": "llama-3.2-3b",
+    "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+    "qwen/qwen3-8b": "qwen3-8b",
+    "qwen/qwen3-8b-base": "qwen3-8b",
+    "google/gemma-3-1b-pt": "gemma-3-1b",
+    "google/gemma-3-1b-it": "gemma-3-1b",
 }
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gemma2", "phi3")
