@@ -42,6 +42,21 @@ def write_jsonl(path, rows):
     return path
 
 
+def tiny_run(tmp_path: Path, model_dir: Path, rows: list[dict], *defaults: str):
+    """`make(*overrides)`: the RunConfig of a short fp32 run of the tiny model on `rows` (written to
+    tmp_path/train.jsonl), LoRA r=4, batch 4, into tmp_path/adapters/run; `defaults`, then `overrides`, on top."""
+    from qtune.config import load_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    common = [f"model.name={model_dir}", "model.dtype=fp32", "quant.method=none", f"data.train={data}"]
+    common += ["lora.r=4", "train.batch_size=4", f"output.dir={tmp_path / 'adapters'}", "output.name=run"]
+
+    def make(*overrides: str):
+        return load_config(None, [*common, *defaults, *overrides])
+
+    return make
+
+
 def make_tokenizer(template: str = CHATML, add_bos: bool = False):
     """A tiny byte-level BPE tokenizer (a few hundred tokens) with chat special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

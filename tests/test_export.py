@@ -189,6 +189,16 @@ def test_missing_or_corrupt_adapter_weights(trained, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
 
 
+def _export(verb: str, adapter, out):
+    """Run one of the four verbs that write an export."""
+    return {
+        "merge": export.merge,
+        "gguf": gguf_export.export_gguf,
+        "gguf-lora": gguf_export.export_gguf_lora,
+        "peft": export.export_peft,
+    }[verb](adapter, out)
+
+
 @pytest.mark.parametrize("verb", ["merge", "gguf", "gguf-lora", "peft"])
 def test_full_disk_leaves_nothing_behind(trained, tmp_path, monkeypatch, verb):
     def full(*args, **kwargs):
@@ -198,14 +208,8 @@ def test_full_disk_leaves_nothing_behind(trained, tmp_path, monkeypatch, verb):
     adapter = trained["llama-none"]
     work = tmp_path / "work"
     out = work / ("out.gguf" if verb == "gguf-lora" else "out")
-    run = {
-        "merge": lambda: export.merge(adapter, out),
-        "gguf": lambda: gguf_export.export_gguf(adapter, out),
-        "gguf-lora": lambda: gguf_export.export_gguf_lora(adapter, out),
-        "peft": lambda: export.export_peft(adapter, out),
-    }[verb]
     with pytest.raises(ExportError, match="nothing was written: .*No space left on device"):
-        run()
+        _export(verb, adapter, out)
     assert list(work.iterdir()) == []
 
 
@@ -230,15 +234,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_merge(trained, t
             pytest.skip("root writes into a read-only folder")
         work.mkdir(mode=0o555)
         message = f"cannot write {out}: {work} is not writable; give an output path (OUT)"
-    adapter = trained["llama-none"]
-    run = {
-        "merge": lambda: export.merge(adapter, out),
-        "gguf": lambda: gguf_export.export_gguf(adapter, out),
-        "gguf-lora": lambda: gguf_export.export_gguf_lora(adapter, out),
-        "peft": lambda: export.export_peft(adapter, out),
-    }[verb]
     with pytest.raises(ExportError, match=re.escape(message)):
-        run()
+        _export(verb, trained["llama-none"], out)
 
 
 def test_merge_into_quantized_warns_and_stays_quantized(trained, tmp_path):

@@ -13,6 +13,7 @@ from qtune.lora import read_meta
 from qtune.train import checkpoint
 from qtune.train.loss_curve import loss_curve_png
 from recipes import classify, sft
+from tests.conftest import tiny_run
 from tests.test_resume import ROWS, same_weights
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -20,33 +21,18 @@ TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 @pytest.fixture()
 def cfg(tmp_path, tiny_model_dir):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-
-    def make(*overrides):
-        return load_config(
-            None,
-            [
-                f"model.name={tiny_model_dir}",
-                "model.dtype=fp32",
-                "quant.method=none",
-                f"data.train={data}",
-                "data.eval_fraction=0.25",  # 8 of the 32 rows held out
-                "train.max_steps=8",
-                "train.batch_size=4",
-                "train.lr=1e-2",
-                "train.logging_steps=1",
-                "train.save_every=4",
-                "lora.r=4",
-                "lora.dropout=0.1",  # dropout draws random numbers: an evaluation must not shift them
-                "eval.max_new_tokens=2",
-                f"output.dir={tmp_path / 'adapters'}",
-                "output.name=run",
-                *overrides,
-            ],
-        )
-
-    return make
+    return tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        ROWS,
+        "data.eval_fraction=0.25",  # 8 of the 32 rows held out
+        "train.max_steps=8",
+        "train.lr=1e-2",
+        "train.logging_steps=1",
+        "train.save_every=4",
+        "lora.dropout=0.1",  # dropout draws random numbers: an evaluation must not shift them
+        "eval.max_new_tokens=2",
+    )
 
 
 def scalars(logdir) -> dict[str, list[tuple[int, float]]]:

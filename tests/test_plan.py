@@ -27,6 +27,7 @@ from qtune.plan import (
     weight_bytes,
 )
 from qtune.plan.memory import _layer_activations
+from tests.conftest import tiny_run
 
 # Tiny decoders of every supported layout; shapes need no special multiples for bitsandbytes
 # (4-bit packs the flattened weight, padding an odd count) but are kept round anyway.
@@ -784,33 +785,11 @@ def test_plan_vram_too_small_for_any_setting_names_the_smallest_that_fits(capsys
 
 @pytest.fixture()
 def sft_cfg(tmp_path, tiny_model_dir):
-    from qtune.config import load_config
-
     rows = [
         {"messages": [{"role": "user", "content": f"review {i}: it was {w}"}, {"role": "assistant", "content": w}]}
         for i, w in enumerate(["great", "dull", "fine", "bad"] * 2)
     ]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def make(*overrides):
-        return load_config(
-            None,
-            [
-                f"model.name={tiny_model_dir}",
-                "model.dtype=fp32",
-                "quant.method=none",
-                f"data.train={data}",
-                "train.max_steps=1",
-                "train.batch_size=4",
-                "lora.r=4",
-                f"output.dir={tmp_path / 'adapters'}",
-                "output.name=run",
-                *overrides,
-            ],
-        )
-
-    return make
+    return tiny_run(tmp_path, tiny_model_dir, rows, "train.max_steps=1")
 
 
 def _longest(cfg) -> int:

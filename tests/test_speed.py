@@ -11,6 +11,7 @@ import torch
 from qtune.config import load_config
 from qtune.train import NonFiniteGuard, trained_positions_loss
 from recipes import sft
+from tests.conftest import tiny_run
 
 ROWS = [
     {
@@ -68,30 +69,16 @@ def test_trained_positions_loss_equals_cross_entropy_and_its_gradient(chunk_rows
 
 @pytest.fixture()
 def speed_cfg(tmp_path, tiny_model_dir):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-
-    def make(*overrides):
-        return load_config(
-            None,
-            [
-                f"model.name={tiny_model_dir}",
-                "model.dtype=fp32",
-                "quant.method=none",
-                f"data.train={data}",
-                "train.max_steps=8",
-                "train.batch_size=4",
-                "train.lr=1e-2",
-                "train.logging_steps=1",
-                "train.save_every=0",
-                "lora.r=4",
-                f"output.dir={tmp_path / 'adapters'}",
-                f"output.name=run-{len(list(tmp_path.glob('adapters/*')))}",
-                *overrides,
-            ],
-        )
-
-    return make
+    make = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        ROWS,
+        "train.max_steps=8",
+        "train.lr=1e-2",
+        "train.logging_steps=1",
+        "train.save_every=0",
+    )
+    return lambda *overrides: make(f"output.name=run-{len(list(tmp_path.glob('adapters/*')))}", *overrides)
 
 
 def _losses(cfg) -> list[float]:

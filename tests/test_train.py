@@ -12,7 +12,7 @@ from qtune.data import DataConfig, load_examples
 from qtune.errors import TrainingError
 from qtune.lora import AdapterError, load_adapter, read_meta
 from recipes import sft
-from tests.conftest import plain_bnb
+from tests.conftest import plain_bnb, tiny_run
 
 ROWS = [
     {
@@ -28,29 +28,17 @@ ROWS = [
 @pytest.fixture()
 def run_cfg(tmp_path, tiny_model_dir):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-
-    def make(*overrides):
-        return load_config(
-            None,
-            [
-                f"model.name={tiny_model_dir}",
-                "model.dtype=fp32",
-                f"data.train={data}",
-                f"data.eval={data}",
-                "train.max_steps=3",
-                "train.batch_size=4",
-                "train.lr=1e-2",
-                "train.logging_steps=1",
-                "lora.r=4",
-                "eval.max_new_tokens=3",
-                f"output.dir={tmp_path / 'adapters'}",
-                "output.name=run",
-                *overrides,
-            ],
-        )
-
-    return make
+    return tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        ROWS,
+        "quant.method=nf4",
+        f"data.eval={data}",
+        "train.max_steps=3",
+        "train.lr=1e-2",
+        "train.logging_steps=1",
+        "eval.max_new_tokens=3",
+    )
 
 
 def beside(folder) -> list[str]:
