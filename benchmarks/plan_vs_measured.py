@@ -1,10 +1,11 @@
 """`qtune plan` against torch.cuda.max_memory_allocated on a real GPU (issue: plan within 10% of measured).
 
-Run on a CUDA machine (about 5 minutes on one H200, most of it writing a random 7B checkpoint):
-    HF_HUB_OFFLINE=1 python benchmarks/plan_vs_measured.py            # Llama-2-7B shape, nf4
+Run on a CUDA machine (about 5 minutes per family on one H200, most of it writing a random checkpoint):
+    HF_HUB_OFFLINE=1 python benchmarks/plan_vs_measured.py                                # Llama-2-7B shape, nf4
+    HF_HUB_OFFLINE=1 python benchmarks/plan_vs_measured.py --arch llama-3.1-8b qwen2.5-7b  # two families
     HF_HUB_OFFLINE=1 python benchmarks/plan_vs_measured.py --tiny     # the same code on a tiny model, CPU ok
 
-A random-initialised model of the Llama-2-7B shape is saved once as safetensors, then each
+A random-initialised model of each built-in shape (`qtune ls` lists them) is saved once as safetensors, then each
 configuration loads it through qtune (nf4 + double quant, prepare_model_for_kbit_training, LoRA
 all-linear) and trains 3 steps with qtune's SFTTrainer on random tokens, every token trained,
 exactly at the planned sequence length. The peak of torch.cuda.max_memory_allocated (reset
@@ -36,22 +37,19 @@ CONFIGS = [  # (seq, batch, gradient checkpointing)
 ]
 
 
-def make_base(folder: Path, tiny: bool) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_base(folder: Path, name: str, tiny: bool) -> Path:
+    """A random model of the built-in shape `name` (its model_type's own transformers class), saved to `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = plan.BUILTIN["smollm2-135m" if tiny else "llama-2-7b"]
-    config = LlamaConfig(
-        vocab_size=arch["vocab_size"],
-        hidden_size=arch["hidden_size"],
-        intermediate_size=arch["intermediate_size"],
-        num_hidden_layers=2 if tiny else arch["num_hidden_layers"],
-        num_attention_heads=arch["num_attention_heads"],
-        num_key_value_heads=arch["num_key_value_heads"],
-        tie_word_embeddings=arch["tie_word_embeddings"],
-        max_position_embeddings=8192,
-    )
+    arch = dict(plan.BUILTIN[name])
+    fields = {k: v for k, v in arch.items() if k != "model_type"}
+    fields["max_position_embeddings"] = 8192
+    if tiny:  # the family's own class and config, at a size a CPU trains in seconds
+        fields.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=512)
+        fields.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = AutoConfig.for_model(arch["model_type"], **fields)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     _placeholder_tokenizer().save_pretrained(folder)  # the data are token ids; the trainer only needs pad/eos
     del model
@@ -106,37 +104,38 @@ def measure(base: Path, seq: int, batch: int, checkpointing: bool) -> int | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer SmolLM2-shape model (checks the script)")
+    parser.add_argument("--arch", nargs="+", default=["llama-2-7b"], help="built-in shapes to measure")
+    parser.add_argument("--tiny", action="store_true", help="2-layer models of those shapes (checks the script)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        base = make_base(Path(tmp) / "base", args.tiny)
-        arch = plan.load_arch(str(base))
-        configs = [(64, 1, False), (64, 2, True)] if args.tiny else CONFIGS
-        print("| seq | batch | checkpointing | planned peak allocated | measured | measured / planned |")
-        print("|---:|---:|---|---:|---:|---:|")
-        for seq, batch, ckpt in configs:
-            predicted = plan.estimate(arch, plan.PlanInput(seq=seq, batch=batch, gradient_checkpointing=ckpt))
-            measured = measure(base, seq, batch, ckpt)
-            ratio = f"{measured / predicted.peak_allocated:.3f}" if measured else "(no GPU)"
-            shown = f"{measured / 2**30:.2f} GiB" if measured else "-"
-            print(
-                f"| {seq} | {batch} | {'on' if ckpt else 'off'} | {predicted.peak_allocated / 2**30:.2f} GiB "
-                f"| {shown} | {ratio} |",
-                flush=True,
-            )
-            rows.append(
-                {
-                    "seq": seq,
-                    "batch": batch,
-                    "checkpointing": ckpt,
-                    "planned": predicted.peak_allocated,
-                    "measured": measured,
-                }
-            )
+    print("| model | seq | batch | checkpointing | planned peak allocated | measured | measured / planned |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for name in args.arch:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += measure_family(name, Path(tmp) / "base", args.tiny)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def measure_family(name: str, folder: Path, tiny: bool) -> list[dict]:
+    """Plan and measure each configuration on a random model of the built-in shape `name`."""
+    base = make_base(folder, name, tiny)
+    arch = plan.load_arch(str(base))
+    rows = []
+    for seq, batch, ckpt in [(64, 1, False), (64, 2, True)] if tiny else CONFIGS:
+        predicted = plan.estimate(arch, plan.PlanInput(seq=seq, batch=batch, gradient_checkpointing=ckpt))
+        measured = measure(base, seq, batch, ckpt)
+        ratio = f"{measured / predicted.peak_allocated:.3f}" if measured else "(no GPU)"
+        shown = f"{measured / 2**30:.2f} GiB" if measured else "-"
+        print(
+            f"| {name} | {seq} | {batch} | {'on' if ckpt else 'off'} | {predicted.peak_allocated / 2**30:.2f} GiB "
+            f"| {shown} | {ratio} |",
+            flush=True,
+        )
+        row = {"model": name, "seq": seq, "batch": batch, "checkpointing": ckpt}
+        rows.append({**row, "planned": predicted.peak_allocated, "measured": measured})
+    return rows
 
 
 if __name__ == "__main__":
