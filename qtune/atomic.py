@@ -71,8 +71,14 @@ def fsync_dir(folder: Path) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Every file below `folder`, then the folder itself."""
+    """Every file below `folder`, then the folder itself; each gets the mode a plain open or mkdir would give.
+
+    (Libraries write some files private: safetensors' save_file makes 0600. An adapter, export or merge that
+    only its writer can read breaks a serving container running as another user.)"""
     for path in sorted(Path(folder).rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod(default_mode(directory=path.is_dir()))
         if path.is_file():
             fsync_file(path)
     fsync_dir(folder)
@@ -162,9 +168,9 @@ def staged_file(out: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_partial_prefix(out), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
-    tmp.chmod(default_mode(directory=False))  # mkstemp's 0600 would stay after the rename
     try:
         yield tmp
+        tmp.chmod(default_mode(directory=False))  # mkstemp's 0600 (or the writer's own) would stay after the rename
         fsync_file(tmp)
         os.replace(tmp, out)
     finally:

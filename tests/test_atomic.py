@@ -27,6 +27,28 @@ def test_replace_swaps_in_the_complete_folder_with_a_plain_mkdirs_permissions(tm
     assert out.stat().st_mode & 0o777 == atomic.default_mode(directory=True)
 
 
+def test_what_a_library_writes_private_gets_the_umasks_mode(tmp_path):
+    """safetensors' save_file writes 0600: an adapter or export only its writer could read (issue 18)."""
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic.staged_folder(tmp_path / "adapter") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "x.json").write_text("{}")
+        (tmp / "sub" / "x.json").chmod(0o600)
+    with atomic.staged_file(tmp_path / "model.gguf") as tmp:
+        tmp.unlink()  # a writer that creates its own file, private
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    files = [
+        tmp_path / "adapter" / "adapter_model.safetensors",
+        tmp_path / "adapter/sub/x.json",
+        tmp_path / "model.gguf",
+    ]
+    assert all(p.stat().st_mode & 0o777 == atomic.default_mode(directory=False) for p in files)
+    assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == atomic.default_mode(directory=True)
+
+
 def test_a_full_disk_on_sync_leaves_neither_file_nor_scratch(tmp_path, monkeypatch):
     def full(path):
         raise OSError(28, "No space left on device")

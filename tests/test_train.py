@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qtune import atomic
 from qtune.config import ConfigError, load_config
 from qtune.data import DataConfig, load_examples
 from qtune.errors import TrainingError
@@ -65,6 +66,8 @@ def test_training_changes_lora_only_and_reloads_identically(run_cfg, tiny_model_
     files = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "qtune.json", "loss.png"} <= files
     assert beside(out.parent) == ["run"]
+    # readable by a serving container running as another user: the umask's mode, not safetensors' 0600
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {atomic.default_mode(directory=False)}
     meta = read_meta(out)
     assert meta["config"]["quant"]["method"] == quant
     assert meta["base"]["fingerprint"].startswith("sha256:")
