@@ -113,19 +113,7 @@ def step(
 
     `eos_ids` end a row ("stop"), and `context` (the model's length, if known) caps prompt plus reply.
     """
-    from peft import PeftModel
-
-    names = [PEFT_BASE if r.adapter == BASE else r.adapter for r in batch.rows]
-    extra = {"adapter_names": names} if isinstance(model, PeftModel) else {}
-    out = model(
-        input_ids=batch.ids,
-        attention_mask=batch.mask,
-        position_ids=batch.positions,
-        cache=batch.cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **extra,
-    )
+    out = _forward(model, batch, pending(batch))
     logits = out.logits[:, -1, :].float()
     next_ids = [_pick(logits[i], r.sampling, r.generator) for i, r in enumerate(batch.rows)]
     for r, token in zip(batch.rows, next_ids):
@@ -144,25 +132,32 @@ def fill(model, batch: Batch, chunk: int, on_step: Callable[[list[Row]], None] |
     Rows cancelled or past their deadline meanwhile leave (`on_step` sees them); None when none is left. The
     last columns go through `step`, which picks the first token.
     """
+    out = _forward(model, batch, chunk)
+    batch = Batch(batch.rows, out.cache, batch.mask, batch.positions[:, chunk:], batch.ids[:, chunk:])
+    _time_out(batch.rows)
+    leaving = [r for r in batch.rows if r.finish_reason is not None or r.cancelled]
+    if on_step is not None and leaving:
+        on_step(leaving)
+    return _drop_finished(batch)
+
+
+def _forward(model, batch: Batch, columns: int):
+    """Run the first `columns` ids not yet in the batch's cache through the model, each row through its own
+    adapter; the output holds the extended cache and the last column's logits."""
     from peft import PeftModel
 
     names = [PEFT_BASE if r.adapter == BASE else r.adapter for r in batch.rows]
     extra = {"adapter_names": names} if isinstance(model, PeftModel) else {}
-    seen = batch.mask.shape[1] - batch.ids.shape[1]  # columns already in the cache
-    out = model(
-        input_ids=batch.ids[:, :chunk],
-        attention_mask=batch.mask[:, : seen + chunk],
-        position_ids=batch.positions[:, :chunk],
+    seen = batch.mask.shape[1] - pending(batch)  # columns already in the cache
+    return model(
+        input_ids=batch.ids[:, :columns],
+        attention_mask=batch.mask[:, : seen + columns],
+        position_ids=batch.positions[:, :columns],
         cache=batch.cache,
         use_cache=True,
         logits_to_keep=1,
         **extra,
     )
-    batch = Batch(batch.rows, out.cache, batch.mask, batch.positions[:, chunk:], batch.ids[:, chunk:])
-    _time_out(batch.rows)
-    if on_step is not None and any(r.finish_reason is not None or r.cancelled for r in batch.rows):
-        on_step([r for r in batch.rows if r.finish_reason is not None or r.cancelled])
-    return _drop_finished(batch)
 
 
 def pending(batch: Batch) -> int:
@@ -243,7 +238,7 @@ def _trim(batch: Batch) -> Batch:
     """Drop leading columns that are padding in every row (left behind by rows that finished)."""
     if not joinable(batch.cache):
         return batch
-    cached = batch.mask.shape[1] - batch.ids.shape[1]
+    cached = batch.mask.shape[1] - pending(batch)
     lead = min(int((batch.mask.sum(0) > 0).int().argmax()), cached)  # only columns already in the cache
     if lead == 0:
         return batch
