@@ -254,37 +254,35 @@ def cmd_plan(args) -> None:
 
 
 def _plan_defaults() -> dict:
-    """`qtune plan`'s defaults: a default training config's (qtune.config), so the plan is the run `qtune train`
-    would start. Read from the dataclass fields, not by building a config."""
-    import dataclasses
+    """`qtune plan`'s defaults: the plan of a default training config (PlanInput.from_config, as
+    `train.fit_to_vram` and `train.vram` plan a run), so the plan is the run `qtune train` would start."""
+    from qtune.config import RunConfig
+    from qtune.plan import PlanInput
 
-    from qtune.config import DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+    cfg = RunConfig()
+    inp = PlanInput.from_config(cfg, seq=cfg.data.max_length, batch=cfg.train.batch_size)
 
-    def defaults(cls) -> dict:
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
 
-    train, lora, quant = defaults(TrainConfig), defaults(LoraConfig), defaults(QuantConfig)
-    model = defaults(ModelConfig)
     return {
-        "seq": defaults(DataConfig)["max_length"],
-        "batch": train["batch_size"],
-        "quant": quant["method"],
-        "double_quant": "on" if quant["double_quant"] else "off",
-        "lora_r": lora["r"],
-        "targets": lora["targets"] if isinstance(lora["targets"], str) else ",".join(lora["targets"]),
-        "gradient_checkpointing": "on" if train["gradient_checkpointing"] else "off",
-        "checkpoint_every": train["checkpoint_every"],
-        "optim": train["optim"],
-        "dtype": model["dtype"],
-        "chunked_loss": "on" if train["chunked_loss"] else "off",
+        "seq": inp.seq,
+        "batch": inp.batch,
+        "quant": inp.quant,
+        "double_quant": on(inp.double_quant),
+        "lora_r": inp.lora_r,
+        "targets": inp.targets if isinstance(inp.targets, str) else ",".join(inp.targets),
+        "gradient_checkpointing": on(inp.gradient_checkpointing),
+        "checkpoint_every": inp.checkpoint_every,
+        "optim": inp.optim,
+        "dtype": inp.dtype,
+        "chunked_loss": on(inp.loss == "chunked"),
     }
 
 
 def _negative_size():
     """A size-shaped negative ("-8GB", "-0.5G") is an argument of `qtune plan`, not an option, so `--vram -8GB` is
     refused by name (argparse would say only "expected one argument"). argparse keeps this pattern per parser."""
-    import re
-
     return re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*[a-zA-Z]*$")
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,21 +377,6 @@ def _cpu_choice(base, model_name, arch, data, seq, batch, epochs, fraction, temp
 # The YAML
 
 
-def _helps() -> dict[str, str]:
-    """Each config key's one-line help from the schema, by dotted key (`train.lr`)."""
-    from qtune.config.schema import RunConfig
-
-    helps = {}
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        section = hints[f.name]
-        if dataclasses.is_dataclass(section):
-            helps.update({f"{f.name}.{g.name}": g.metadata["help"] for g in dataclasses.fields(section)})
-        else:
-            helps[f.name] = f.metadata["help"]
-    return helps
-
-
 def _scalar(value: Any) -> str:
     import yaml
 
@@ -447,7 +431,7 @@ def _entries(choice: Choice, name: str) -> list[tuple[str, Any, str | None]]:
     ]
     if gpu:
         entries.append(("train.fit_to_vram", choice.vram_text, "re-plans at the real longest example"))
-    if choice.eval_fraction and "train.eval_every" in _helps():  # (the key is new: written where the schema has it)
+    if choice.eval_fraction:
         steps = _planned_steps(choice)
         if steps is not None:  # (unknown data: the schema's automatic default, not written)
             every = max(1, round(steps / EVALS))
@@ -506,7 +490,9 @@ def _title(choice: Choice) -> str:
 def render(choice: Choice, out: str | Path, command: str) -> str:
     """The config's YAML text: a header (what, the command that made it, how to run it), then every key with its
     schema help as a one-line comment and, where qtune new chose the value, why."""
-    helps = _helps()
+    from qtune.config.describe import config_keys
+
+    helps = {k.key: k.help for k in config_keys()}
     out = Path(out)
     run = f"qtune train {out}"
     lines = [f"# {_title(choice)}", f"# Run:  {run}"]
