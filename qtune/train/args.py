@@ -5,13 +5,14 @@ Upstream renames (trl 1 and transformers 5 moved several arguments) are absorbed
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
 
 import torch
 
-from qtune.config import ConfigError, RunConfig
+from qtune.config import ConfigError, RunConfig, to_dict
 from qtune.train import checkpoint
 from qtune.train.hooks import (
     CheckpointPromoter,
@@ -21,6 +22,7 @@ from qtune.train.hooks import (
     _TrainedPositionsLoss,
     check_trl_internals,
 )
+from qtune.train.progress import ProgressLog
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 
@@ -199,11 +201,17 @@ def _with_guards(
         args=make_args(cfg, Path(checkpoints) / checkpoint.INCOMING, evaluate),
         train_dataset=train_dataset.remove_columns("row"),
         processing_class=tokenizer,
-        callbacks=[guard, promoter, *_tensorboard(cfg), *(callbacks or [])],
+        callbacks=[guard, promoter, _progress(cfg, checkpoints), *_tensorboard(cfg), *(callbacks or [])],
         **kwargs,
     )
     trainer.qtune_guard = guard
     return trainer
+
+
+def _progress(cfg: RunConfig, checkpoints: Path) -> ProgressLog:
+    """The run's live progress file (qtune.train.progress), in its checkpoint folder: what `qtune studio` shows."""
+    # The config a resume of this run would be started with (resume=auto is added then).
+    return ProgressLog(Path(checkpoints), cfg.output.name, to_dict(dataclasses.replace(cfg, resume=None)))
 
 
 def _tensorboard(cfg: RunConfig) -> list:

@@ -1,0 +1,150 @@
+"""What every studio route shares: the Studio (project folder, output folder, settings), the API error, the checks
+that keep every path inside the project, JSON bodies, and child processes with their logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtune.errors import USER_ERRORS
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_BODY = 1 << 20  # the studio's forms are small: 1 MiB is plenty
+STATE_DIR = ".studio"  # <dir>/.studio/: what the studio launched (configs, logs, records)
+
+
+class ApiError(Exception):
+    """A client error: its HTTP status, a message saying what and where, and the form field it concerns."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+@dataclass
+class Studio:
+    """One studio: the project folder it was started in, the output folder under it, and its settings."""
+
+    project: Path  # absolute, resolved
+    dir: Path  # the runs' and adapters' folder (output.dir), absolute, inside project
+    token: str | None = None
+    host: str = "127.0.0.1"
+    base: str | None = None  # the playground's base (None: the newest adapter's, else the embedded model)
+    quant: str = "nf4"
+    dtype: str | None = None
+    playground: Any = None  # qtune.studio.playground.Playground, once created
+    processes: dict[str, Any] = field(default_factory=dict)  # runs this studio launched: name -> Launched
+    jobs: dict[str, Any] = field(default_factory=dict)  # export jobs: id -> Job
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / STATE_DIR
+
+    def relative(self, path: Path) -> str:
+        """`path` as the page shows it: relative to the project folder."""
+        try:
+            return str(Path(path).resolve().relative_to(self.project))
+        except ValueError:
+            return str(path)
+
+
+def check_name(name: Any, what: str = "name", field: str | None = None) -> str:
+    """A run or adapter name: a plain folder name (no path, no leading dot), or a 400 naming the field."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise ApiError(
+            400,
+            f"{what} {name!r} is not a plain name: letters, digits, '.', '_', '-', starting with a letter or digit",
+            field,
+        )
+    return name
+
+
+def inside(studio: Studio, path: Any, what: str, field: str | None = None) -> Path:
+    """`path` (relative to the project folder, or absolute) resolved, links followed; a 400 naming `field` if it
+    leads outside the project folder."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ApiError(400, f"{what}: give a path inside the project folder", field)
+    resolved = (studio.project / Path(path).expanduser()).resolve()
+    if not resolved.is_relative_to(studio.project):
+        raise ApiError(400, f"{what}: {path} is outside the project folder {studio.project}", field)
+    return resolved
+
+
+async def read_json(request) -> dict[str, Any]:
+    """The request's JSON object (at most MAX_BODY bytes), or a 400/413 saying what is wrong with it."""
+    import json
+
+    from qtune.serve.openai_api import RequestError, read_body
+
+    try:
+        raw = await read_body(request, MAX_BODY)
+    except RequestError as e:
+        raise ApiError(e.status, e.message) from None
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def api(handler):
+    """Wrap a route: an ApiError or a qtune error is a JSON 4xx naming what was wrong; a bug is a JSON 500."""
+    from starlette.responses import JSONResponse
+
+    async def endpoint(request):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return JSONResponse({"error": {"message": e.message, "field": e.field}}, status_code=e.status)
+        except USER_ERRORS as e:
+            return JSONResponse({"error": {"message": str(e), "field": None}}, status_code=400)
+        except Exception as e:  # a bug: the page shows the reason, the studio stays up
+            message = f"internal error: {type(e).__name__}: {e}"
+            return JSONResponse({"error": {"message": message, "field": None}}, status_code=500)
+
+    return endpoint
+
+
+def spawn(studio: Studio, argv: list[str], log: Path) -> subprocess.Popen:
+    """Start `python -m qtune.cli ARGV...` in the project folder, in its own process group (so a stop reaches its
+    children too), stdout and stderr appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qtune.cli", *argv],
+            cwd=studio.project,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+
+def tail(path: Path, lines: int = 80) -> str:
+    """The last `lines` lines of a log, progress-bar redraws (carriage returns) reduced to their final state."""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r") for line in text.split("\n")]
+    return "\n".join(kept[-lines:])
+
+
+def error_line(text: str) -> str | None:
+    """The last `error: ...` line of a log (what the CLI prints when a run fails), if any."""
+    found = [line for line in text.splitlines() if line.startswith("error:")]
+    return found[-1][len("error:") :].strip() if found else None
