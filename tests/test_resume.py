@@ -152,7 +152,13 @@ def test_a_checkpoint_folder_that_is_a_link_to_another_disk_is_followed(run_args
     (tmp_path / "adapters").mkdir()
     (link := tmp_path / "adapters" / "run.checkpoints").symlink_to(disk)
     sft.main(load_config(None, first))
-    assert sorted(p.name for p in disk.iterdir()) == ["checkpoint-2", "checkpoint-4", "finished", "progress.jsonl", "run.json"]
+    assert sorted(p.name for p in disk.iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "finished",
+        "progress.jsonl",
+        "run.json",
+    ]
     again = [*first, "output.overwrite=true", "resume=auto", "output.keep_checkpoints=false"]
     assert read_meta(sft.main(load_config(None, again)))["training"]["resumed_from_step"] == 4
     assert link.is_symlink() and list(disk.iterdir()) == []  # the run's checkpoints went; the user's link stays
