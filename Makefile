@@ -9,7 +9,7 @@ VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test bench lint format clean
+.PHONY: install data demo test bench lint format clean browser
 
 data: data/.prepared
 
@@ -40,8 +40,19 @@ $(VADER):
 demo: install
 	$(PY) -m recipes.demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The studio's browser tests drive Debian's chromium through its chromedriver (nothing downloads a browser): installed
+# here where apt-get can (root on Debian); elsewhere those tests are skipped, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (apt-get) for the studio's browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+		|| echo "note: chromium could not be installed: the studio's browser tests will be skipped"; \
+	else echo "note: no chromium/chromedriver and no apt-get as root: the studio's browser tests will be skipped"; fi
 
 # Training speed and memory: qtune against the plain TRL + PEFT script, interleaved (docs/performance.md).
 bench: install
