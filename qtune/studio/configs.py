@@ -1,0 +1,152 @@
+"""The configs a run can start from (the shipped ones and the project's), and the form keys the page edits."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from qtune.studio.common import ApiError, Studio, api, inside
+
+# The keys the page's form edits (docs/studio.md); a run started from the page may set only these.
+FORM_KEYS = (
+    "output.name",
+    "model.name",
+    "model.dtype",
+    "quant.method",
+    "data.train",
+    "data.max_length",
+    "lora.r",
+    "train.max_steps",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.eval_every",
+    "train.save_every",
+)
+SUFFIXES = (".yaml", ".yml")
+
+
+def shipped_folder() -> Path:
+    """Where the package's configs are: recipes/configs (`qtune ls` lists the same)."""
+    from qtune.cli import _recipes
+
+    return _recipes()[1] / "configs"
+
+
+def _title(path: Path) -> str:
+    """A config's first line when it is a comment (what it is and how to run it), else ''."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = next((line.strip() for line in f if line.strip()), "")
+    except OSError:
+        return ""
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def _project_configs(studio: Studio) -> list[Path]:
+    found = []
+    for folder in (studio.project, studio.project / "configs"):
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    return found
+
+
+def list_configs(studio: Studio) -> list[dict[str, str]]:
+    """Every config a run can start from: shipped first, then the project's (`*.yaml`/`*.yml` in it and configs/)."""
+    entries = []
+    for path in sorted(shipped_folder().glob("*.yaml")):
+        entries.append({"id": f"shipped:{path.name}", "name": path.name, "source": "shipped", "title": _title(path)})
+    for path in _project_configs(studio):
+        rel = path.relative_to(studio.project).as_posix()
+        entries.append({"id": f"project:{rel}", "name": path.name, "source": "project", "title": _title(path)})
+    return entries
+
+
+def resolve_config(studio: Studio, config_id: Any) -> Path:
+    """The file a config id names: a 400 (field `config`) for a path outside the project, a 404 for no such config."""
+    if not isinstance(config_id, str) or ":" not in config_id:
+        raise ApiError(
+            400,
+            f"config: give a config id such as 'shipped:NAME.yaml' or 'project:FILE.yaml', got {config_id!r}",
+            "config",
+        )
+    source, _, rest = config_id.partition(":")
+    if source == "shipped":
+        folder = shipped_folder()
+        path = folder / rest
+        if "/" in rest or "\\" in rest or path.suffix != ".yaml" or not path.is_file():
+            raise ApiError(404, f"config {config_id}: no shipped config of that name (`qtune ls` lists them)", "config")
+        return path
+    if source == "project":
+        path = inside(studio, rest, "config", "config")
+        if path not in _project_configs(studio):
+            raise ApiError(
+                404, f"config {config_id}: not a .yaml/.yml file in the project folder or its configs/ folder", "config"
+            )
+        return path
+    raise ApiError(404, f"config {config_id}: the source must be 'shipped' or 'project', got {source!r}", "config")
+
+
+def _form_type(tp: Any) -> tuple[str, list | None]:
+    """A field's type as the form shows it: str, int, float, bool, or choice (with its choices)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0] if len(options) == 1 else str  # data.train: a path, or a list only YAML can write
+    if typing.get_origin(tp) is Literal:
+        return "choice", list(typing.get_args(tp))
+    if tp in (bool, int, float):
+        return tp.__name__, None
+    return "str", None
+
+
+def form_keys() -> list[dict[str, Any]]:
+    """The form keys with their help, type, choices and default, read from the config schema."""
+    from qtune.config import RunConfig
+
+    out = []
+    for key in FORM_KEYS:
+        section, name = key.split(".")
+        cls = typing.get_type_hints(RunConfig)[section]
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        kind, choices = _form_type(typing.get_type_hints(cls)[name])
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        out.append(
+            {"key": key, "help": field.metadata.get("help", ""), "type": kind, "choices": choices, "default": default}
+        )
+    return out
+
+
+def form_values(cfg: Any) -> dict[str, Any]:
+    """The form keys' values in a resolved RunConfig (a data.train list stays a list of sources)."""
+    from qtune.config import to_dict
+
+    tree = to_dict(cfg)
+    return {key: tree[key.split(".")[0]][key.split(".")[1]] for key in FORM_KEYS}
+
+
+def load(path: Path, overrides: list[str] | None = None):
+    """load_config on a studio config file (the same validation as `qtune train`)."""
+    from qtune.config import load_config
+
+    return load_config(path, overrides)
+
+
+def routes(studio: Studio) -> list:
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def index(request):
+        return JSONResponse({"configs": list_configs(studio)})
+
+    async def one(request):
+        config_id = request.path_params["id"]
+        cfg = load(resolve_config(studio, config_id))
+        return JSONResponse({"id": config_id, "values": form_values(cfg), "keys": form_keys()})
+
+    return [
+        Route("/api/configs", api(index), methods=["GET"]),
+        Route("/api/configs/{id:path}", api(one), methods=["GET"]),
+    ]
