@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def test_configs_are_listed_with_the_form_keys(url):
         "none",
     ]
     assert keys["train.lr"]["type"] == "float" and keys["train.lr"]["help"] and keys["lora.r"]["default"] == 16
+    assert call(f"{url}/api/configs/{urllib.parse.quote(TINY, safe='')}")[1]["id"] == TINY  # as the page encodes it
     assert call(f"{url}/api/configs/shipped:nope.yaml")[0] == 404
 
 

@@ -1,8 +1,11 @@
-"""The configs a run can start from (the shipped ones and the project's), and the form keys the page edits."""
+"""The configs a run can start from (the shipped ones and the project's), the form keys the page edits, and the checks
+on what the form sends: only form keys, every path inside the project."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +30,7 @@ FORM_KEYS = (
     "train.save_every",
 )
 SUFFIXES = (".yaml", ".yml")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def shipped_folder() -> Path:
@@ -132,6 +136,59 @@ def load(path: Path, overrides: list[str] | None = None):
     from qtune.config import load_config
 
     return load_config(path, overrides)
+
+
+def field_of(message: str, keys: list[str]) -> str | None:
+    """The key a config error names (the longest match, so `train.eval_every` wins over a shorter key)."""
+    for key in sorted(keys, key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message):
+            return key
+    return None
+
+
+def overrides(values: Any) -> list[str]:
+    """The form's values as `key=value` overrides; an empty value keeps the config's."""
+    if not isinstance(values, dict):
+        raise ApiError(400, f"values: give an object of form keys, got {type(values).__name__}", "values")
+    out = []
+    for key, value in values.items():
+        if key not in FORM_KEYS:
+            raise ApiError(400, f"{key!r} is not a form key; the form sets {', '.join(FORM_KEYS)}", str(key))
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, (int, float, str)):
+            raise ApiError(400, f"`{key}`: give one value, got {type(value).__name__}", key)
+        out.append(f"{key}={value}")
+    return out
+
+
+def check_paths(studio: Studio, cfg: Any) -> None:
+    """Every file the run would read is inside the project: data, a local base, a chat template file, a recipe."""
+    from qtune.cli import BUILTIN_RECIPES
+    from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
+
+    for source in cfg.data.sources():
+        inside(studio, source.path, "data.train", "data.train")
+    if cfg.data.eval:
+        inside(studio, cfg.data.eval, "data.eval", "data.eval")
+    if cfg.data.chat_template.endswith(".jinja"):
+        inside(studio, cfg.data.chat_template, "data.chat_template", "data.chat_template")
+    if cfg.recipe not in BUILTIN_RECIPES:
+        inside(studio, cfg.recipe, "recipe", "recipe")
+    name = cfg.model.name
+    if name in (EMBEDDED_ALIAS, ENCODER_ALIAS):
+        return
+    if HUB_ID.match(name) and ".." not in name and not os.path.lexists(studio.project / name):
+        return  # a hub id: downloaded by `qtune train`
+    if not inside(studio, name, "model.name", "model.name").is_dir():
+        raise ApiError(
+            400,
+            f"model.name: {name!r} is neither {EMBEDDED_ALIAS}, {ENCODER_ALIAS}, a model folder inside the project, "
+            "nor a hub id like owner/name",
+            "model.name",
+        )
 
 
 def routes(studio: Studio) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -20,13 +19,12 @@ from typing import Any
 
 from qtune import atomic
 from qtune.errors import ConfigError
-from qtune.studio.common import NAME, ApiError, Studio, api, check_name, error_line, inside, read_json, spawn, tail
-from qtune.studio.configs import FORM_KEYS, load, resolve_config
+from qtune.studio.common import NAME, ApiError, Studio, api, check_name, error_line, read_json, spawn, tail
+from qtune.studio.configs import FORM_KEYS, check_paths, field_of, load, overrides, resolve_config
 from qtune.train.progress import PROGRESS_FILE, Progress, read_progress
 
 ACTIVE = ("starting", "running", "stopping")
 STOP_ESCALATION_S = 20.0  # SIGINT, then SIGTERM this long after, then SIGKILL as long again
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
@@ -231,59 +229,6 @@ def active(studio: Studio, name: str) -> bool:
 # ---------------------------------------------------------------- start, stop, resume
 
 
-def _field_of(message: str, keys: list[str]) -> str | None:
-    """The key a config error names (the longest match, so `train.eval_every` wins over a shorter key)."""
-    for key in sorted(keys, key=len, reverse=True):
-        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message):
-            return key
-    return None
-
-
-def _overrides(values: Any) -> list[str]:
-    """The form's values as `key=value` overrides; an empty value keeps the config's."""
-    if not isinstance(values, dict):
-        raise ApiError(400, f"values: give an object of form keys, got {type(values).__name__}", "values")
-    out = []
-    for key, value in values.items():
-        if key not in FORM_KEYS:
-            raise ApiError(400, f"{key!r} is not a form key; the form sets {', '.join(FORM_KEYS)}", str(key))
-        if value is None or value == "":
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif not isinstance(value, (int, float, str)):
-            raise ApiError(400, f"`{key}`: give one value, got {type(value).__name__}", key)
-        out.append(f"{key}={value}")
-    return out
-
-
-def _check_paths(studio: Studio, cfg: Any) -> None:
-    """Every file the run would read is inside the project: data, a local base, a chat template file, a recipe."""
-    from qtune.cli import BUILTIN_RECIPES
-    from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
-
-    for source in cfg.data.sources():
-        inside(studio, source.path, "data.train", "data.train")
-    if cfg.data.eval:
-        inside(studio, cfg.data.eval, "data.eval", "data.eval")
-    if cfg.data.chat_template.endswith(".jinja"):
-        inside(studio, cfg.data.chat_template, "data.chat_template", "data.chat_template")
-    if cfg.recipe not in BUILTIN_RECIPES:
-        inside(studio, cfg.recipe, "recipe", "recipe")
-    name = cfg.model.name
-    if name in (EMBEDDED_ALIAS, ENCODER_ALIAS):
-        return
-    if HUB_ID.match(name) and ".." not in name and not os.path.lexists(studio.project / name):
-        return  # a hub id: downloaded by `qtune train`
-    if not inside(studio, name, "model.name", "model.name").is_dir():
-        raise ApiError(
-            400,
-            f"model.name: {name!r} is neither {EMBEDDED_ALIAS}, {ENCODER_ALIAS}, a model folder inside the project, "
-            "nor a hub id like owner/name",
-            "model.name",
-        )
-
-
 def _write_config(studio: Studio, name: str, tree: dict[str, Any]) -> Path:
     import yaml
 
@@ -309,15 +254,14 @@ def start(studio: Studio, body: dict[str, Any]) -> dict[str, Any]:
     from qtune.config import to_dict
 
     path = resolve_config(studio, body.get("config"))
-    overrides = _overrides(body.get("values", {}))
-    submitted = [o.partition("=")[0] for o in overrides]
-    overrides.append(f"output.dir={studio.relative(studio.dir)}")
+    given = overrides(body.get("values", {}))
+    submitted = [o.partition("=")[0] for o in given]
     try:
-        cfg = load(path, overrides)
+        cfg = load(path, [*given, f"output.dir={studio.relative(studio.dir)}"])
     except ConfigError as e:
-        raise ApiError(400, str(e), _field_of(str(e), submitted) or _field_of(str(e), list(FORM_KEYS))) from None
+        raise ApiError(400, str(e), field_of(str(e), submitted) or field_of(str(e), list(FORM_KEYS))) from None
     name = check_name(cfg.output.name, "output.name", "output.name")
-    _check_paths(studio, cfg)
+    check_paths(studio, cfg)
     _reap(studio)
     if os.path.lexists(studio.dir / name):
         raise ApiError(
