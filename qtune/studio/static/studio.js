@@ -222,11 +222,12 @@
       this.train = svg("path", { class: "train-loss", fill: "none" });
       this.evalPath = svg("path", { class: "eval-loss", fill: "none" });
       this.evalDots = svg("g", { class: "eval-dots" });
+      this.trainDots = svg("g", { class: "train-dots" });
       this.empty = svg("text", { class: "chart-empty", "text-anchor": "middle" });
       this.legend = el("div", { class: "chart-legend" },
         el("span", { class: "key key-train" }, "training loss"),
         el("span", { class: "key key-eval" }, "held-out loss"));
-      this.svg.append(this.grid, this.axes, this.train, this.empty);
+      this.svg.append(this.grid, this.axes, this.train, this.trainDots, this.empty);
       box.append(this.svg, this.legend);
       this.width = 0;
       new ResizeObserver(() => {
@@ -261,6 +262,7 @@
       this.legend.classList.toggle("no-eval", ev.length === 0);
       if (!all.length) {
         this.train.setAttribute("d", "");
+        this.trainDots.replaceChildren();
         if (this.evalPath.isConnected) { this.evalPath.remove(); this.evalDots.remove(); }
         this.empty.setAttribute("x", W / 2);
         this.empty.setAttribute("y", H / 2);
@@ -298,6 +300,10 @@
 
       const line = (pts) => pts.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
       this.train.setAttribute("d", line(loss));
+      // a line needs two points: a run with one logged loss shows it as a dot
+      this.trainDots.replaceChildren(...(loss.length < 3 ? loss : []).map((p) =>
+        svg("circle", { cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: 3 },
+          svg("title", null, `step ${p[0]}: training loss ${formatNumber(p[1])}`))));
       if (ev.length) {
         if (!this.evalPath.isConnected) this.svg.append(this.evalPath, this.evalDots);
         this.evalPath.setAttribute("d", line(ev));
@@ -530,6 +536,11 @@
       if (value !== null && value !== undefined && !choices.includes(String(value))) choices.unshift(String(value));
       input = el("select", { name, title: hint }, choices.map((c) => el("option", { value: c }, c)));
       if (value !== null && value !== undefined) input.value = String(value);
+    } else if (Array.isArray(value) || (value !== null && typeof value === "object")) {
+      // e.g. data.train as a list of sources: only YAML can write it, so the form shows it and leaves it alone
+      input = el("input", { type: "text", name, readonly: true, class: "readonly", dataset: { keep: "true" },
+        title: `${hint}${hint ? " — " : ""}a list: edit it in the config file` });
+      input.value = Array.isArray(value) ? value.map((v) => (typeof v === "object" ? JSON.stringify(v) : String(v))).join(", ") : JSON.stringify(value);
     } else {
       const numeric = k.type === "int" || k.type === "float";
       input = el("input", {
@@ -588,6 +599,7 @@
     for (const k of runs.configKeys) {
       const input = $(`[name="${CSS.escape(k.key)}"]`, $("#run-form"));
       if (!input) continue;
+      if (input.dataset.keep) continue;
       if (input.type === "checkbox") { values[k.key] = input.checked; continue; }
       const v = input.value.trim();
       const original = runs.configValues[k.key];
@@ -790,13 +802,16 @@
     const samples = Array.isArray(a.samples) ? a.samples : [];
     show($("#adapter-samples-box"), a.kind !== "classifier" || samples.length > 0);
     $("#adapter-samples").replaceChildren(...(samples.length ? samples.map((s) => {
-      const right = s.reference !== undefined && s.answer !== undefined &&
+      const right = typeof s.correct === "boolean" ? s.correct : s.reference !== undefined && s.answer !== undefined &&
         String(s.answer).trim().toLowerCase() === String(s.reference).trim().toLowerCase();
+      const prompt = s.prompt === null || s.prompt === undefined
+        ? el("pre", { class: "sample-text muted" }, s.row !== undefined ? `(not recorded: held-out row ${s.row})` : "(not recorded)")
+        : el("pre", { class: "sample-text" }, String(s.prompt));
       return el("div", { class: `sample${right ? " right" : ""}` },
-        el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "prompt"), el("pre", { class: "sample-text" }, s.prompt || "")),
+        el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "prompt"), prompt),
         el("div", { class: "sample-pair" },
-          el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "reference"), el("pre", { class: "sample-text" }, s.reference || "")),
-          el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "answer"), el("pre", { class: "sample-text answer" }, s.answer || ""))));
+          el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "reference"), el("pre", { class: "sample-text" }, s.reference === null || s.reference === undefined ? "" : String(s.reference))),
+          el("div", { class: "sample-part" }, el("span", { class: "sample-label" }, "answer"), el("pre", { class: "sample-text answer" }, s.answer === null || s.answer === undefined ? "" : String(s.answer)))));
     }) : [el("p", { class: "muted small" }, "No samples recorded (no held-out prompts with answers).")]));
 
     const files = Array.isArray(a.files) ? a.files : [];
@@ -958,7 +973,8 @@
       box.checked = before.has(m.id);
       return el("label", { class: "pg-model", title: m.system_prompt ? `system prompt: ${m.system_prompt}` : "" },
         box, el("span", { class: "mono" }, m.id),
-        el("span", { class: `badge kind-${m.kind}` }, m.kind === "classifier" ? "classifier" : m.id === "base" ? "base" : "adapter"));
+        m.id === "base" ? el("span", { class: "muted small" }, "no adapter")
+          : el("span", { class: `badge kind-${m.kind}` }, m.kind === "classifier" ? "classifier" : "adapter"));
     }));
     syncChecks();
   }
@@ -1026,7 +1042,7 @@
   async function streamChat(column, model, prompt, maxTokens, signal) {
     const text = $(".pg-text", column);
     const started = performance.now();
-    let pieces = 0, finishReason = null;
+    let finishReason = null;
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(true), signal,
@@ -1054,7 +1070,6 @@
           if (!choice) continue;
           if (choice.delta && choice.delta.content) {
             text.append(document.createTextNode(choice.delta.content));
-            pieces++;
           }
           if (choice.finish_reason) finishReason = choice.finish_reason;
         }
@@ -1062,7 +1077,8 @@
       if (done) reader.cancel().catch(() => {});
       const secs = (performance.now() - started) / 1000;
       if (!text.textContent) text.classList.add("empty-answer");
-      finish(column, null, `${pieces} pieces · ${secs.toFixed(1)} s${finishReason ? ` · ${finishReason}` : ""}`);
+      const why = { length: "max tokens reached", stop: "finished", timeout: "timed out" }[finishReason] || finishReason;
+      finish(column, null, `${secs.toFixed(1)} s${why ? ` · ${why}` : ""}`);
     } catch (e) {
       if (e.name === "AbortError") finish(column, null, "cancelled");
       else finish(column, e.message || String(e));
