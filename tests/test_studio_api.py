@@ -282,3 +282,14 @@ def test_the_planner(url):
         assert (status, got) == (400, field), message
     assert error_of(call(f"{url}/api/plan", "POST", {**base, "quant": "q3"}))[:2] == (400, "quant")
     assert error_of(call(f"{url}/api/plan", "POST", {**base, "batch": True}))[:2] == (400, "batch")
+
+
+def test_run_studio_refuses_a_folder_outside_the_project_and_an_open_host_without_token(tmp_path):
+    from qtune.errors import ConfigError
+    from qtune.studio.app import run_studio
+
+    with pytest.raises(ConfigError, match="--dir ../elsewhere: .* outside the project folder"):
+        run_studio(tmp_path, "../elsewhere")
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 .* --token"):
+        run_studio(tmp_path, "adapters", host="0.0.0.0")
+    assert not (tmp_path / "adapters").exists()
