@@ -344,6 +344,21 @@ def cmd_serve(args) -> None:
     )
 
 
+def cmd_studio(args) -> None:
+    from qtune.studio.app import run_studio
+
+    run_studio(
+        Path.cwd(),
+        args.dir,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("QTUNE_STUDIO_TOKEN") or None,
+        base=args.base,
+        quant=args.quant,
+        dtype=args.dtype,
+    )
+
+
 def cmd_push(args) -> None:
     from qtune import hub
 
@@ -529,6 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (0: none)")
     p.add_argument("--prefill-chunk", type=_positive_int("--prefill-chunk"), default=512, help="prompt tokens per step")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("studio", help="a browser page to run, watch, compare and ship adapters (this folder only)")
+    p.add_argument("--dir", default="adapters", help="the runs' and adapters' folder, inside this one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback needs --token")
+    p.add_argument("--port", type=_port, default=7860)
+    p.add_argument("--token", default=None, help="bearer token every request needs (default: $QTUNE_STUDIO_TOKEN)")
+    p.add_argument("--base", default=None, help="the playground's base (default: the newest adapter's)")
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4", help="the playground base's")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
     p.add_argument("adapter", help="adapter folder (adapters/NAME)")

@@ -249,6 +249,18 @@ SERVE = _cases(
         ("adapter-memory-abc", ["--max-adapter-memory", "abc"]),
     ],
 )
+STUDIO = _cases(
+    "studio",
+    [
+        ("port-99999", ["--port", "99999"]),
+        ("port-abc", ["--port", "abc"]),
+        ("host-open-without-token", ["--host", "0.0.0.0"]),
+        ("dir-outside-the-project", ["--dir", "/"]),
+        ("dir-is-a-file", ["--dir", "<file>"]),
+        ("base-missing", ["--base", "<missing>"]),
+        ("quant-unknown", ["--quant", "nf5"]),
+    ],
+)
 PUSH = [
     *_adapter_cases("push", ["ADAPTER", "alice/tiny", "--dry-run", "--out", NEW]),
     *_cases(
@@ -292,7 +304,7 @@ NEW_VERB = _cases(
         ("no-base", _NEW_ARGS),
     ],
 )
-CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *NEW_VERB, *MERGE, *EXPORT, *SERVE, *PUSH]
+CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *NEW_VERB, *MERGE, *EXPORT, *SERVE, *STUDIO, *PUSH]
 
 
 def test_the_corpus_covers_every_verb():

@@ -223,6 +223,8 @@ def run_studio(
         raise ConfigError(f"--dir {dir}: {folder} is outside the project folder {project}; give a folder inside it")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--dir {dir}: {folder} is a file; give a folder")
+    if base and base.startswith((".", "/", "~")) and not (project / Path(base).expanduser()).is_dir():
+        raise ConfigError(f"--base {base}: no such model folder; give a model folder, or a built-in name")
     folder.mkdir(parents=True, exist_ok=True)
     studio = Studio(project=project, dir=folder, token=token, host=host, base=base, quant=quant, dtype=dtype)
     app = create_studio_app(studio)

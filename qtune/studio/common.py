@@ -55,7 +55,7 @@ class Studio:
 
 def check_name(name: Any, what: str = "name", field: str | None = None) -> str:
     """A run or adapter name: a plain folder name (no path, no leading dot), or a 400 naming the field."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise ApiError(
             400,
             f"{what} {name!r} is not a plain name: letters, digits, '.', '_', '-', starting with a letter or digit",
