@@ -304,7 +304,22 @@ NEW_VERB = _cases(
         ("no-base", _NEW_ARGS),
     ],
 )
-CORPUS = [*TRAIN, *CP, *LS, *CONFIG, *GENERATE, *EVAL, *PREDICT, *PLAN, *NEW_VERB, *MERGE, *EXPORT, *SERVE, *STUDIO, *PUSH]
+CORPUS = [
+    *TRAIN,
+    *CP,
+    *LS,
+    *CONFIG,
+    *GENERATE,
+    *EVAL,
+    *PREDICT,
+    *PLAN,
+    *NEW_VERB,
+    *MERGE,
+    *EXPORT,
+    *SERVE,
+    *STUDIO,
+    *PUSH,
+]
 
 
 def test_the_corpus_covers_every_verb():
