@@ -763,10 +763,9 @@
       el("div", { class: "info" }, el("dt", null, k), el("dd", { class: "mono" }, v === null || v === undefined || v === "" ? "–" : String(v)))));
 
     const rows = metricRows(a.metrics);
-    $("#adapter-metrics").replaceChildren(el("tbody", null, rows.map(([k, v]) =>
-      el("tr", null, el("th", null, k), el("td", { class: "mono num" }, typeof v === "number" ? formatNumber(v) : String(v))))));
-    show($("#adapter-metrics"), rows.length > 0);
-    show($("#adapter-metrics-empty"), rows.length === 0);
+    $("#adapter-metrics").replaceChildren(el("tbody", null, rows.length ? rows.map(([k, v]) =>
+      el("tr", null, el("th", null, k), el("td", { class: "mono num" }, typeof v === "number" ? formatNumber(v) : String(v))))
+      : el("tr", null, el("td", { class: "muted" }, "No held-out metrics: the run had no eval data."))));
 
     adapters.chart.update(a.loss, a.eval_loss);
 
@@ -954,7 +953,13 @@
     show($("#pg-ready"), ready);
     const load = $("#pg-load");
     load.disabled = data.state === "loading";
-    setText(load, data.state === "loading" ? "Loading…" : data.state === "failed" ? "Try again" : "Load");
+    // once loaded, Load again registers the adapters trained since
+    setText(load, { loading: "Loading…", failed: "Try again", ready: "Reload adapters" }[data.state] || "Load");
+    load.classList.toggle("primary", !ready);
+    load.title = ready ? "register the adapters trained since the last load" : "";
+    setText($("#pg-idle-text"), data.state === "loading"
+      ? "Loading the base model and its adapters…"
+      : "Press Load to load the base model with the adapters trained on it, then compare their answers side by side.");
     const errLine = $("#pg-error");
     setText(errLine, data.error ? `error: ${data.error}` : "");
     show(errLine, !!data.error);
@@ -1193,7 +1198,7 @@
     setText(verdict, p.fits === true ? "fits" : p.fits === false ? "does not fit" : "no VRAM given");
     setText($("#plan-total"), `${gib(total)}${vram ? ` of ${gib(vram)}` : ""}`);
     setText($("#plan-longest"), p.longest_seq !== null && p.longest_seq !== undefined
-      ? (p.longest_seq > 0 ? `longest sequence that fits: ${p.longest_seq.toLocaleString("en-US")} tokens` : "no sequence length fits")
+      ? `longest sequence that fits: ${p.longest_seq.toLocaleString("en-US")} tokens${p.longest_seq > 0 ? "" : " (none fits)"}`
       : "");
     setText($("#plan-text"), p.text || "");
   }
