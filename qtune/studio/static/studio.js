@@ -71,6 +71,9 @@
     return `${v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0)} ${units[i]}`;
   }
 
+  /** A log as text: terminal control sequences (tqdm's cursor moves, colors) removed. */
+  const stripAnsi = (text) => (text || "").replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]/g, "").replace(/\x1b[()][A-Za-z0-9]/g, "");
+
   const gib = (n) => `${(n / 2 ** 30).toFixed(2)} GiB`;
 
   function formatNumber(v) {
@@ -192,13 +195,13 @@
 
   // ---------- the loss chart (an SVG built once per container, updated in place) ----------
 
-  function niceTicks(lo, hi, count) {
+  function niceTicks(lo, hi, count, minStep = 0) {
     if (!(hi > lo)) { hi = lo + 1; }
     const span = hi - lo;
     const step0 = span / Math.max(1, count);
     const mag = 10 ** Math.floor(Math.log10(step0));
     const norm = step0 / mag;
-    const step = (norm >= 5 ? 10 : norm >= 2 ? 5 : norm >= 1 ? 2 : 1) * mag;
+    const step = Math.max(minStep, (norm >= 5 ? 10 : norm >= 2 ? 5 : norm >= 1 ? 2 : 1) * mag);
     const ticks = [];
     for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toFixed(12));
     return { ticks, step };
@@ -288,7 +291,7 @@
         this.grid.append(svg("line", { x1: m.l, x2: W - m.r, y1: y, y2: y }));
         this.axes.append(svg("text", { x: m.l - 6, y, dy: "0.32em", "text-anchor": "end" }, tickLabel(v, yt.step)));
       }
-      const xt = niceTicks(x0, x1, Math.max(2, Math.floor((W - m.l - m.r) / 90)));
+      const xt = niceTicks(x0, x1, Math.max(2, Math.floor((W - m.l - m.r) / 90)), 1); // steps are whole numbers
       for (const v of xt.ticks) {
         if (v < x0 || v > x1) continue;
         const x = X(v).toFixed(1);
@@ -474,7 +477,7 @@
     if (run.log_tail !== undefined) {
       const log = $("#run-log");
       const atBottom = switched || fresh || log.scrollHeight - log.scrollTop - log.clientHeight < 24;
-      const text = run.log_tail || "(no log yet)";
+      const text = stripAnsi(run.log_tail) || (run.studio ? "(no output yet)" : "(no log: this run was started outside the studio)");
       if (log.textContent !== text) log.textContent = text;
       if (atBottom) log.scrollTop = log.scrollHeight;
     } else if (switched) {
@@ -569,6 +572,7 @@
       runs.configKeys = [];
       $("#run-start").disabled = true;
       show(title, false);
+      setText($("#run-form-hint"), "Pick a config to edit its keys.");
       show($("#run-form-hint"), true);
       return;
     }
@@ -616,11 +620,15 @@
     try {
       const run = await api("POST", "/api/runs", { config: id, values });
       runs.selected = run.name || values["output.name"];
+      // started: fold the form back to its config select, so the list and the new run are in view
+      $("#run-config").value = "";
+      await chooseConfig();
+      setText($("#run-form-hint"), `Started ${runs.selected}. Pick a config to start another.`);
       runs.poll.kick();
     } catch (e) {
       showError(runs.screen, e);
     } finally {
-      button.disabled = false;
+      button.disabled = !$("#run-config").value;
     }
   }
 
@@ -745,6 +753,20 @@
     return rows;
   }
 
+  /** Precision, recall, F1 and support per label, from the confusion matrix (rows: true, columns: predicted). */
+  function perClassFrom(conf) {
+    const out = {};
+    conf.labels.forEach((label, i) => {
+      const tp = (conf.matrix[i] || [])[i] || 0;
+      const support = (conf.matrix[i] || []).reduce((s, x) => s + x, 0);
+      const predicted = conf.matrix.reduce((s, row) => s + (row[i] || 0), 0);
+      const precision = predicted ? tp / predicted : 0, recall = support ? tp / support : 0;
+      const f1 = precision + recall ? (2 * precision * recall) / (precision + recall) : 0;
+      out[label] = { precision, recall, f1, support };
+    });
+    return out;
+  }
+
   function renderAdapterDetail(a, changed) {
     show($("#adapter-none"), !a);
     show($("#adapter-body"), !!a);
@@ -787,7 +809,7 @@
     } else {
       $("#adapter-confusion").replaceChildren();
     }
-    const perClass = a.metrics && a.metrics.per_class;
+    const perClass = (a.metrics && a.metrics.per_class) || (hasConf ? perClassFrom(conf) : null);
     const hasPer = perClass && typeof perClass === "object" && Object.keys(perClass).length > 0;
     show($("#adapter-per-class-box"), !!hasPer);
     if (hasPer) {
@@ -862,7 +884,7 @@
       setText($("#export-out"), job.out ? `→ ${job.out}` : "");
       const log = $("#export-log");
       const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
-      setText(log, job.log || "");
+      setText(log, stripAnsi(job.log));
       show(log, !!job.log);
       if (atBottom) log.scrollTop = log.scrollHeight;
       if (job.state === "running") adapters.jobTimer = setTimeout(() => pollJob(id), 1000);
@@ -1197,9 +1219,12 @@
     verdict.className = `verdict ${p.fits === true ? "fits" : p.fits === false ? "nofit" : "unknown"}`;
     setText(verdict, p.fits === true ? "fits" : p.fits === false ? "does not fit" : "no VRAM given");
     setText($("#plan-total"), `${gib(total)}${vram ? ` of ${gib(vram)}` : ""}`);
+    // longest_seq is what fits at micro-batch 1 with every layer checkpointed (what train.fit_to_vram falls back to)
     setText($("#plan-longest"), p.longest_seq !== null && p.longest_seq !== undefined
       ? `longest sequence that fits: ${p.longest_seq.toLocaleString("en-US")} tokens${p.longest_seq > 0 ? "" : " (none fits)"}`
       : "");
+    $("#plan-longest").title = "at micro-batch 1 with gradient checkpointing (what train.fit_to_vram falls back to)";
+    show($("#plan-longest-note"), p.longest_seq !== null && p.longest_seq !== undefined);
     setText($("#plan-text"), p.text || "");
   }
 
