@@ -422,6 +422,8 @@
       const fill = $(".progress-fill", row);
       fill.style.width = `${(progressFraction(run) * 100).toFixed(1)}%`;
       fill.classList.toggle("live", ACTIVE_STATES.has(run.state));
+      fill.classList.toggle("done", run.state === "finished");
+      fill.classList.toggle("bad", run.state === "failed");
       setText($(".run-steps", row), stepsText(run));
       setText($(".run-eta", row), etaText(run));
       row.classList.toggle("selected", run.name === runs.selected);
@@ -432,6 +434,8 @@
     }
     for (const stale of existing.values()) stale.remove();
     show($("#runs-empty"), list.length === 0);
+    setText($("#run-none"), list.length ? "Select a run to see its progress, loss curves and log."
+      : "A run's progress, loss curves and log show here once it starts.");
     setText($("#runs-count"), list.length ? `${list.length}` : "");
     if (runs.selected && !list.some((r) => r.name === runs.selected)) {
       runs.selected = null;
@@ -465,6 +469,8 @@
     const fill = $("#run-progress");
     fill.style.width = `${(progressFraction(run) * 100).toFixed(1)}%`;
     fill.classList.toggle("live", ACTIVE_STATES.has(run.state));
+    fill.classList.toggle("done", run.state === "finished");
+    fill.classList.toggle("bad", run.state === "failed");
     const errLine = $("#run-error");
     setText(errLine, run.error ? `error: ${run.error}` : "");
     show(errLine, !!run.error);
