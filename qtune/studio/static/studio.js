@@ -137,7 +137,7 @@
         field = body.error.field || body.error.param || null;
       }
     } catch (_) { /* not JSON */ }
-    if (response.status === 401 && !sessionStorage.getItem(TOKEN_KEY)) {
+    if (response.status === 401 && !sessionStorage.getItem(TOKEN_KEY) && !message.includes("#token")) {
       message += " — open the page as http://HOST:PORT/#token=YOUR_TOKEN";
     }
     return new ApiError(response.status, message, field);
@@ -492,7 +492,15 @@
   }
 
   async function pollRuns() {
-    const data = await api("GET", "/api/runs");
+    let data;
+    try {
+      data = await api("GET", "/api/runs");
+    } catch (e) {
+      bannerOnly(runs.screen, e);
+      runs.pollFailed = true;
+      throw e;
+    }
+    if (runs.pollFailed) { runs.pollFailed = false; clearErrors(runs.screen); }
     renderRuns(data.runs || []);
     if (!runs.selected && runs.list.length && !runs.autoSelected) {
       runs.autoSelected = true;
