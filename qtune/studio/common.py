@@ -146,5 +146,6 @@ def tail(path: Path, lines: int = 80) -> str:
 
 def error_line(text: str) -> str | None:
     """The last `error: ...` line of a log (what the CLI prints when a run fails), if any."""
-    found = [line for line in text.splitlines() if line.startswith("error:")]
+    # (a progress bar redraws its line with carriage returns: the error may follow one on the same line)
+    found = [line for line in re.split(r"[\r\n]", text) if line.startswith("error:")]
     return found[-1][len("error:") :].strip() if found else None

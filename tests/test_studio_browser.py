@@ -1,0 +1,268 @@
+"""qtune studio as a person uses it: a real headless Chromium (Debian's chromium and chromedriver, driven by selenium;
+nothing downloads a browser) opens the page, starts a short run, watches its loss curve grow, opens the finished
+adapter, asks the playground and plans a GPU. Screenshots of every screen are kept in results/studio/.
+
+`make test` installs chromium and chromium-driver where apt-get can (the `browser` target); elsewhere these tests
+are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_model_folder, write_jsonl
+from tests.test_train import ROWS
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "results" / "studio"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="no chromium/chromedriver: `make browser` installs Debian's (apt-get install chromium chromium-driver)",
+)
+XSS = '<img src=x onerror="window.pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1360,900", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "the page"):
+    """Poll `condition()` until it returns something truthy (what it returns), or fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:  # noqa: BLE001 - an element not there yet, or replaced while read
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def all_css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def shot(driver, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000  # a real rendering, not an empty page
+    return path
+
+
+def console_errors(driver) -> list[str]:
+    """The page's errors in the browser console; Chromium also logs every 4xx response there, and the tests send
+    bad input on purpose (the page shows those errors beside the field), so 400s are not counted."""
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    return [m for m in severe if "the server responded with a status of 400" not in m]
+
+
+def set_field(driver, key: str, value: str) -> None:
+    field = css(driver, f'#run-form [name="{key}"]')
+    field.clear()
+    field.send_keys(value)
+
+
+def run_state(driver, name: str) -> str:
+    return css(driver, f'#runs-list .run[data-name="{name}"] .run-state').text.strip()
+
+
+def chart_points(driver, selector: str) -> int:
+    """How many points a loss line of the chart draws (its path's M/L commands)."""
+    d = css(driver, selector).get_attribute("d") or ""
+    return sum(d.count(c) for c in "ML")
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, chatml_tokenizer):
+    """A project folder with a tiny model, data and a config, and the studio serving it."""
+    from qtune.serve.app import ServerThread
+    from qtune.studio.app import create_studio_app
+    from qtune.studio.common import Studio
+
+    project = tmp_path_factory.mktemp("project").resolve()
+    make_model_folder(project / "tiny-model", chatml_tokenizer)
+    write_jsonl(project / "train.jsonl", ROWS * 4)
+    (project / "configs").mkdir()
+    config = {
+        "model": {"name": "tiny-model", "dtype": "fp32"},
+        "quant": {"method": "none"},
+        "lora": {"r": 4},
+        "data": {"train": "train.jsonl", "eval_fraction": 0.25},
+        # About 25 steps a second here: 400 steps run long enough to be watched.
+        "train": {"max_steps": 400, "batch_size": 4, "logging_steps": 1, "save_every": 100, "eval_every": 100},
+    }
+    (project / "configs" / "tiny.yaml").write_text("# a tiny run for the browser tests\n" + yaml.safe_dump(config))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QTUNE_HOME", str(project / ".qtune-home"))
+        mp.chdir(project)  # `qtune studio` is started in the project folder: relative paths are the project's
+        studio = Studio(project=project, dir=project / "adapters", quant="none", dtype="fp32")
+        studio.dir.mkdir()
+        with ServerThread(create_studio_app(studio)) as url:
+            yield {"url": url, "studio": studio, "project": project}
+
+
+def test_start_a_run_watch_its_loss_curve_grow_and_see_it_finish(browser, studio):
+    browser.get(studio["url"] + "/#runs")
+    wait_for(lambda: all_css(browser, "#run-config option[value='project:configs/tiny.yaml']"), what="the config list")
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(browser, "#run-config")).select_by_value("project:configs/tiny.yaml")
+    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form of the config")
+    set_field(browser, "output.name", "browser-run")
+    set_field(browser, "train.lr", "abc")
+    css(browser, "#run-start").click()
+    error = wait_for(
+        lambda: css(browser, '.field-error[data-field="train.lr"]').text.strip(), what="the error beside train.lr"
+    )
+    assert "train.lr" in error or "abc" in error
+    assert not (studio["studio"].dir / ".studio" / "browser-run.yaml").exists()  # refused before anything ran
+
+    set_field(browser, "train.lr", "0.01")
+    css(browser, "#run-start").click()
+    wait_for(lambda: run_state(browser, "browser-run") in ("starting", "running"), what="the new run in the list")
+    css(browser, '#runs-list .run[data-name="browser-run"]').click()
+    wait_for(lambda: run_state(browser, "browser-run") == "running", timeout=120, what="the run to start training")
+    first = wait_for(lambda: chart_points(browser, "#run-detail svg.loss-chart path.train-loss"), what="a loss point")
+    later = wait_for(
+        lambda: (n := chart_points(browser, "#run-detail svg.loss-chart path.train-loss")) > first and n,
+        what="the loss curve to grow while the run trains",
+    )
+    assert later > first
+    shot(browser, "runs-live")
+    wait_for(lambda: run_state(browser, "browser-run") == "finished", timeout=180, what="the run to finish")
+    wait_for(lambda: all_css(browser, "#run-detail svg.loss-chart path.eval-loss"), what="the held-out loss line")
+    assert "adapter written" in css(browser, "#run-log").text
+    assert (studio["studio"].dir / "browser-run" / "qtune.json").is_file()
+    shot(browser, "runs")
+    assert not console_errors(browser)
+
+
+def test_stop_a_run_then_resume_it_to_the_end(browser, studio):
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(studio["url"] + "/#runs")
+    wait_for(lambda: all_css(browser, "#run-config option[value='project:configs/tiny.yaml']"), what="the config list")
+    Select(css(browser, "#run-config")).select_by_value("project:configs/tiny.yaml")
+    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form")
+    set_field(browser, "output.name", "stopped-run")
+    set_field(browser, "train.max_steps", "100000")
+    set_field(browser, "train.save_every", "50")
+    css(browser, "#run-start").click()
+    wait_for(lambda: all_css(browser, '#runs-list .run[data-name="stopped-run"]'), what="the run in the list")
+    css(browser, '#runs-list .run[data-name="stopped-run"]').click()
+    progress = studio["studio"].dir / "stopped-run.checkpoints"
+    wait_for(lambda: len(list(progress.glob("checkpoint-*"))) > 0, timeout=150, what="a first checkpoint")
+    wait_for(lambda: css(browser, "#run-stop").is_enabled(), what="Stop to be enabled")
+    css(browser, "#run-stop").click()
+    wait_for(lambda: run_state(browser, "stopped-run") == "interrupted", timeout=90, what="the run to stop")
+    wait_for(lambda: css(browser, "#run-resume").is_enabled(), what="Resume to be enabled")
+    shot(browser, "runs-interrupted")
+    css(browser, "#run-resume").click()
+    wait_for(lambda: run_state(browser, "stopped-run") == "running", timeout=120, what="the resumed run to train")
+    assert "resuming from" in wait_for(
+        lambda: "resuming from" in css(browser, "#run-log").text and css(browser, "#run-log").text,
+        what="the resume line in the log",
+    )
+    css(browser, "#run-stop").click()  # (not to the end: the next tests need the machine)
+    wait_for(lambda: run_state(browser, "stopped-run") == "interrupted", timeout=90, what="the second stop")
+
+
+def test_the_finished_adapter_its_samples_as_text_and_a_push_preview(browser, studio):
+    adapter = studio["studio"].dir / "browser-run"
+    wait_for(lambda: (adapter / "qtune.json").is_file(), timeout=5, what="the adapter of the first test")
+    # A sample whose answer is markup: it must show as text, never become an element.
+    meta = json.loads((adapter / "qtune.json").read_text())
+    meta.setdefault("samples", [{"prompt": "p", "reference": "r", "answer": "a"}])
+    meta["samples"][0]["answer"] = XSS
+    (adapter / "qtune.json").write_text(json.dumps(meta))
+    browser.get(studio["url"] + "/#adapters")
+    wait_for(lambda: all_css(browser, '#adapters-list .adapter[data-name="browser-run"]'), what="the adapter list")
+    css(browser, '#adapters-list .adapter[data-name="browser-run"]').click()
+    wait_for(lambda: css(browser, "#adapter-metrics").text.strip(), what="the adapter's metrics")
+    samples = wait_for(lambda: css(browser, "#adapter-samples").text, what="the samples")
+    assert XSS in samples
+    assert not all_css(browser, "#adapter-samples img") and browser.execute_script("return window.pwned") is None
+    wait_for(lambda: all_css(browser, "#adapter-detail svg.loss-chart path.train-loss"), what="the loss curve")
+    css(browser, "#push-repo").send_keys("alice/browser-run")
+    css(browser, "#push-go").click()
+    card = wait_for(lambda: css(browser, "#push-card").text.strip(), what="the model card preview")
+    assert "alice/browser-run" in card or "tiny-model" in card
+    assert "adapter_model.safetensors" in css(browser, "#push-files").text
+    shot(browser, "adapters")
+    assert not console_errors(browser)
+
+
+def test_the_playground_streams_the_base_and_the_adapter_side_by_side(browser, studio):
+    browser.get(studio["url"] + "/#playground")
+    state = wait_for(lambda: css(browser, "#pg-state").text.strip(), what="the playground's state")
+    if state != "ready":
+        assert state == "idle", state
+        css(browser, "#pg-load").click()
+    wait_for(lambda: all_css(browser, "#pg-models input[value='browser-run']"), timeout=120, what="models to load")
+    for model in ("base", "browser-run"):
+        box = css(browser, f"#pg-models input[value='{model}']")
+        if not box.is_selected():
+            box.click()
+    css(browser, "#pg-prompt").send_keys("Is this movie review positive or negative? " + XSS)
+    css(browser, "#pg-send").click()
+    for model in ("base", "browser-run"):
+        wait_for(
+            lambda m=model: css(browser, f'.pg-answer[data-model="{m}"]').get_attribute("data-done") == "true",
+            what=f"{model}'s answer to finish streaming",
+        )
+        assert css(browser, f'.pg-answer[data-model="{model}"] .pg-text').text.strip()
+    assert browser.execute_script("return window.pwned") is None
+    shot(browser, "playground")
+    assert not console_errors(browser)
+
+
+def test_plan_a_7b_run_on_an_8gb_card(browser, studio):
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(studio["url"] + "/#plan")
+    wait_for(lambda: all_css(browser, "#plan-model option[value='llama-3.1-8b']"), what="the model list")
+    Select(css(browser, "#plan-model")).select_by_value("llama-3.1-8b")
+    for selector, value in (("#plan-vram", "8GB"), ("#plan-seq", "2048")):
+        css(browser, selector).clear()
+        css(browser, selector).send_keys(value)
+    css(browser, "#plan-go").click()
+    verdict = wait_for(lambda: css(browser, "#plan-verdict").text.strip(), what="the verdict")
+    assert verdict in ("fits", "does not fit")
+    assert any(ch.isdigit() for ch in css(browser, "#plan-longest").text)
+    assert len(all_css(browser, "#plan-bar .plan-part")) >= 3 and all_css(browser, "#plan-bar .plan-vram")
+    shot(browser, "plan")
+    css(browser, "#plan-vram").clear()
+    css(browser, "#plan-vram").send_keys("lots")
+    css(browser, "#plan-go").click()
+    assert wait_for(lambda: css(browser, '#screen-plan .field-error[data-field="vram"]').text.strip(), what="error")
+    assert not console_errors(browser)
