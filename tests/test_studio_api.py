@@ -282,6 +282,13 @@ def test_the_planner(url):
         assert (status, got) == (400, field), message
     assert error_of(call(f"{url}/api/plan", "POST", {**base, "quant": "q3"}))[:2] == (400, "quant")
     assert error_of(call(f"{url}/api/plan", "POST", {**base, "batch": True}))[:2] == (400, "batch")
+    # Checkpointing on: the activations shrink, and the plan is what `qtune plan --gradient-checkpointing on` says.
+    _, checkpointed, _ = call(f"{url}/api/plan", "POST", {**base, "gradient_checkpointing": "on"})
+    activations = {p["name"]: p["bytes"] for p in checkpointed["parts"]}["activations"]
+    assert activations < {p["name"]: p["bytes"] for p in tight["parts"]}["activations"]
+    assert "checkpointing on" in checkpointed["text"]
+    bad = {**base, "gradient_checkpointing": "yes"}
+    assert error_of(call(f"{url}/api/plan", "POST", bad))[:2] == (400, "gradient_checkpointing")
 
 
 def test_run_studio_refuses_a_folder_outside_the_project_and_an_open_host_without_token(tmp_path):

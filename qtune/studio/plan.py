@@ -44,7 +44,8 @@ def _arch(studio: Studio, model: Any) -> dict:
 
 
 def plan(studio: Studio, body: dict[str, Any]) -> dict[str, Any]:
-    """The plan of a default training config's run with the page's model, VRAM, seq, LoRA rank, quant and batch."""
+    """The plan of a default training config's run with the page's model, VRAM, seq, LoRA rank, quant, batch and
+    gradient checkpointing (every layer when on, as `qtune plan --gradient-checkpointing on`)."""
     from qtune.config import RunConfig
     from qtune.plan import COMPONENTS, QUANTS, PlanError, PlanInput, estimate, frugal, parse_bytes, refuse_too_small
 
@@ -66,7 +67,14 @@ def plan(studio: Studio, body: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, str(e).replace("--vram", "vram"), "vram") from None
     else:
         vram = None
-    inp = PlanInput.from_config(cfg, seq=seq, batch=batch, lora_r=lora_r, quant=quant, vram=vram)
+    checkpointing = body.get("gradient_checkpointing") or ("on" if cfg.train.gradient_checkpointing else "off")
+    if checkpointing not in ("on", "off"):
+        raise ApiError(
+            400, f"gradient_checkpointing must be on or off, got {checkpointing!r}", "gradient_checkpointing"
+        )
+    inp = PlanInput.from_config(
+        cfg, seq=seq, batch=batch, lora_r=lora_r, quant=quant, vram=vram, gradient_checkpointing=checkpointing == "on"
+    )
     result = estimate(arch, inp)
     # The longest sequence any setting fits: micro-batch 1 with every layer checkpointed (what train.fit_to_vram
     # falls back to), not only at this batch without checkpointing (the text's "longest seq at batch N").

@@ -1249,6 +1249,7 @@
     const body = {
       model: $("#plan-model").value, vram: $("#plan-vram").value.trim(),
       seq: intOf("#plan-seq"), lora_r: intOf("#plan-rank"), quant: $("#plan-quant").value, batch: intOf("#plan-batch"),
+      gradient_checkpointing: $("#plan-checkpointing").value,
     };
     if (!body.model) { showError(plan.screen, new ApiError(400, "choose a model", "model")); return; }
     const go = $("#plan-go");
