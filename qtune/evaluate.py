@@ -145,7 +145,14 @@ def answer_accuracy(
         ref = normalize_answer(e.answer)
         contains = contains_answer(o, e.answer) and not any(contains_answer(o, r) for r in rivals - {ref})
         samples.append(
-            {"row": e.row, "answer": e.answer, "output": o, "correct": normalize_answer(o) == ref, "contains": contains}
+            {
+                "row": e.row,
+                "prompt": tokenizer.decode(e.prompt_ids),  # as the model saw it: chat template, system prompt
+                "answer": e.answer,
+                "output": o,
+                "correct": normalize_answer(o) == ref,
+                "contains": contains,
+            }
         )
     n = len(samples)
     return {

@@ -73,6 +73,9 @@ def test_answer_accuracy_counts_exact_and_contained(model_and_tokenizer, monkeyp
     metrics, samples = answer_accuracy(model, tok, examples)
     assert metrics == {"accuracy": pytest.approx(1 / 3), "contains_accuracy": pytest.approx(2 / 3), "answered": 3}
     assert [s["correct"] for s in samples] == [True, False, False]
+    # Each sample keeps its prompt as the model saw it (chat template applied), for the studio and for a reader.
+    assert [s["prompt"] for s in samples] == [tok.decode(e.prompt_ids) for e in examples]
+    assert RECORDS[0]["messages"][0]["content"] in samples[0]["prompt"]
     # Naming a rival answer too is not a lenient match.
     monkeypatch.setattr(ev, "generate_ids", lambda *a, **k: ["positive, not four", "negative answer", "four"])
     metrics, samples = answer_accuracy(model, tok, examples)

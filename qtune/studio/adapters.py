@@ -133,8 +133,8 @@ def _confusion(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _sample(s: dict[str, Any]) -> dict[str, Any]:
-    """A held-out sample as the page shows it. qtune's evaluation stores {row, answer (the reference), output (the
-    model's answer), correct, contains}: no prompt text, only the row of the held-out data it came from."""
+    """A held-out sample as the page shows it. qtune's evaluation stores {row, prompt (as the model saw it: an
+    adapter trained before qtune recorded it has none), answer (the reference), output (the model's), correct}."""
     if "output" in s:
         reference, answer = s.get("answer"), s.get("output")
     else:
