@@ -266,3 +266,106 @@ def test_plan_a_7b_run_on_an_8gb_card(browser, studio):
     css(browser, "#plan-go").click()
     assert wait_for(lambda: css(browser, '#screen-plan .field-error[data-field="vram"]').text.strip(), what="error")
     assert not console_errors(browser)
+
+
+# ---------------------------------------------------------------- the real embedded SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_studio(tmp_path_factory):
+    """A project with the VADER movie data (train, and 24 held-out rows) and the studio serving it: the shipped
+    smollm2_sentiment config runs as it is but for the form's values."""
+    from qtune.serve.app import ServerThread
+    from qtune.studio.app import create_studio_app
+    from qtune.studio.common import Studio
+
+    source = ROOT / "data" / "vader_movies"
+    if not (source / "train.jsonl").is_file():
+        pytest.skip("no VADER data: `make data` prepares it")
+    project = tmp_path_factory.mktemp("smollm2-project").resolve()
+    (project / "data" / "vader_movies").mkdir(parents=True)
+    shutil.copyfile(source / "train.jsonl", project / "data" / "vader_movies" / "train.jsonl")
+    held_out = (source / "test.jsonl").read_text().splitlines(keepends=True)[:24]
+    (project / "data" / "vader_movies" / "test.jsonl").write_text("".join(held_out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QTUNE_HOME", str(tmp_path_factory.mktemp("qtune-home")))
+        mp.chdir(project)
+        studio = Studio(project=project, dir=project / "adapters", quant="nf4", dtype="fp32")
+        studio.dir.mkdir()
+        with ServerThread(create_studio_app(studio)) as url:
+            yield {"url": url, "studio": studio}
+
+
+@pytest.mark.integration
+def test_smollm2_from_the_shipped_config_to_the_playground(browser, smollm2_studio):
+    from selenium.webdriver.support.ui import Select
+
+    url, name = smollm2_studio["url"], "smollm2-studio"
+    browser.get(url + "/#runs")
+    config = "shipped:smollm2_sentiment.yaml"
+    wait_for(lambda: all_css(browser, f"#run-config option[value='{config}']"), what="the shipped configs")
+    Select(css(browser, "#run-config")).select_by_value(config)
+    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form")
+    # fp32 compute: bf16 matmuls are slow on a CPU; a few steps, the held-out loss every 4.
+    for key, value in [("output.name", name), ("model.dtype", "fp32"), ("train.max_steps", "8")]:
+        if key == "model.dtype":
+            Select(css(browser, f'#run-form [name="{key}"]')).select_by_value(value)
+        else:
+            set_field(browser, key, value)
+    for key, value in [("train.batch_size", "4"), ("train.eval_every", "4"), ("train.save_every", "4")]:
+        set_field(browser, key, value)
+    css(browser, "#run-start").click()
+    wait_for(lambda: all_css(browser, f'#runs-list .run[data-name="{name}"]'), what="the run in the list")
+    css(browser, f'#runs-list .run[data-name="{name}"]').click()
+    first = wait_for(
+        lambda: chart_points(browser, "#run-detail svg.loss-chart path.train-loss"), timeout=300, what="a loss point"
+    )
+    wait_for(
+        lambda: chart_points(browser, "#run-detail svg.loss-chart path.train-loss") > first,
+        timeout=300,
+        what="the loss curve to grow",
+    )
+    shot(browser, "smollm2-runs-live")
+    wait_for(lambda: run_state(browser, name) == "finished", timeout=600, what="the SmolLM2 run to finish")
+    shot(browser, "smollm2-runs")
+
+    browser.get(url + "/#adapters")
+    wait_for(lambda: all_css(browser, f'#adapters-list .adapter[data-name="{name}"]'), what="the adapter")
+    css(browser, f'#adapters-list .adapter[data-name="{name}"]').click()
+    metrics = wait_for(lambda: css(browser, "#adapter-metrics").text.strip(), what="the held-out metrics")
+    assert "accuracy" in metrics
+    shot(browser, "smollm2-adapters")
+
+    browser.get(url + "/#playground")
+    state = wait_for(lambda: css(browser, "#pg-state").text.strip(), what="the playground's state")
+    if state != "ready":
+        css(browser, "#pg-load").click()
+    wait_for(lambda: all_css(browser, f"#pg-models input[value='{name}']"), timeout=300, what="SmolLM2 to load")
+    for model in ("base", name):
+        box = css(browser, f"#pg-models input[value='{model}']")
+        if not box.is_selected():
+            box.click()
+    review = "Review: A joy from start to finish, with a cast that clearly loved every minute.\n"
+    css(browser, "#pg-prompt").send_keys(review + "Is this movie review positive or negative?")
+    css(browser, "#pg-send").click()
+    answers = {}
+    for model in ("base", name):
+        wait_for(
+            lambda m=model: css(browser, f'.pg-answer[data-model="{m}"]').get_attribute("data-done") == "true",
+            timeout=300,
+            what=f"{model}'s answer",
+        )
+        answers[model] = css(browser, f'.pg-answer[data-model="{model}"] .pg-text').text.strip()
+    assert all(answers.values()), answers
+    # The adapter answers with its own system prompt (one word), shown above its column.
+    assert "one word" in css(browser, f'.pg-answer[data-model="{name}"]').text
+    shot(browser, "smollm2-playground")
+
+    browser.get(url + "/#plan")
+    wait_for(lambda: all_css(browser, "#plan-model option[value='llama-3.1-8b']"), what="the model list")
+    Select(css(browser, "#plan-model")).select_by_value("llama-3.1-8b")
+    Select(css(browser, "#plan-checkpointing")).select_by_value("on")
+    css(browser, "#plan-go").click()
+    wait_for(lambda: css(browser, "#plan-verdict").text.strip(), what="the verdict")
+    shot(browser, "smollm2-plan")
+    assert not console_errors(browser)
