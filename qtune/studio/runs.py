@@ -1,7 +1,7 @@
 """Runs under the studio's output folder: their state and live progress, and start / stop / resume.
 
 A run is found by what it leaves in <dir>: its checkpoint folder (with the progress file every `qtune train`
-writes, qtune/train/progress.py), its adapter folder, and, for the runs this studio launched, its records in
+writes, qtune/progress.py), its adapter folder, and, for the runs this studio launched, its records in
 <dir>/.studio/ (<name>.yaml, <name>.log, <name>.json). Training always runs as a separate `qtune train` process.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 
 from qtune import atomic
 from qtune.errors import ConfigError
+from qtune.progress import PROGRESS_FILE, Progress, read_progress
 from qtune.studio.common import NAME, ApiError, Studio, api, check_name, error_line, read_json, spawn, tail
 from qtune.studio.configs import FORM_KEYS, check_paths, field_of, load, overrides, resolve_config
-from qtune.train.progress import PROGRESS_FILE, Progress, read_progress
 
 ACTIVE = ("starting", "running", "stopping")
 STOP_ESCALATION_S = 20.0  # SIGINT, then SIGTERM this long after, then SIGKILL as long again

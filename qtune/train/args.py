@@ -17,12 +17,12 @@ from qtune.train import checkpoint
 from qtune.train.hooks import (
     CheckpointPromoter,
     NonFiniteGuard,
+    ProgressLog,
     TensorBoardLogs,
     _GuardedSteps,
     _TrainedPositionsLoss,
     check_trl_internals,
 )
-from qtune.train.progress import ProgressLog
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw8bit": "adamw_bnb_8bit", "paged_adamw8bit": "paged_adamw_8bit"}
 
@@ -209,7 +209,7 @@ def _with_guards(
 
 
 def _progress(cfg: RunConfig, checkpoints: Path) -> ProgressLog:
-    """The run's live progress file (qtune.train.progress), in its checkpoint folder: what `qtune studio` shows."""
+    """The run's live progress file (qtune/progress.py), in its checkpoint folder: what `qtune studio` shows."""
     # The config a resume of this run would be started with (resume=auto is added then).
     return ProgressLog(Path(checkpoints), cfg.output.name, to_dict(dataclasses.replace(cfg, resume=None)))
 

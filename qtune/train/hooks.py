@@ -1,6 +1,7 @@
 """The trainer hooks qtune adds by subclassing (no upstream code is changed): the loss from logits at the
 trained positions only (in training and in the held-out loss while training), the non-finite guard, the
-resumable data order and random stream, checkpoint promotion, and where TensorBoard writes.
+resumable data order and random stream, checkpoint promotion, where TensorBoard writes, and the live progress
+file (qtune/progress.py).
 
 `_TrainedPositionsLoss` reads a few of trl's SFTTrainer internals to log the metrics trl logs; they are
 checked when a trainer is built (`check_trl_internals`), and a trl without them falls back to trl's own
@@ -10,10 +11,14 @@ loss with a printed line, never an error mid-run.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
+import time
 from array import array
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -21,6 +26,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qtune.data.store import lengths
+from qtune.progress import PROGRESS_FILE, process_start
 
 # What _TrainedPositionsLoss reads of trl's SFTTrainer, and the versions it was written and tested against.
 TRL_INTERNALS = ("_metrics", "_total_train_tokens", "_tp_size", "aux_loss_enabled", "get_tp_size", "compute_loss_func")
@@ -331,3 +337,41 @@ class TensorBoardLogs(TensorBoardCallback):
     def __init__(self, logging_dir: Path):
         super().__init__()
         self.logging_dir = self.logging_dir or str(logging_dir)  # (the parent has read the environment variable)
+
+
+class ProgressLog(TrainerCallback):
+    """Appends the run's begin, steps, logged losses and end to `folder`/progress.jsonl (rank 0 only; the file's
+    lines are described in qtune/progress.py). Steps are written at most once a second, and the last one."""
+
+    def __init__(self, folder: Path, name: str, config: dict[str, Any]):
+        self.path = Path(folder) / PROGRESS_FILE
+        self.name = name
+        self.config = config
+        self.last_step_line = 0.0
+
+    def _write(self, state, event: str, **values: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        line = {"event": event, "time": time.time(), "step": state.global_step, **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pid = os.getpid()
+        begin = {"max_steps": state.max_steps, "pid": pid, "pid_start": process_start(pid), "name": self.name}
+        begin["cwd"] = os.getcwd()
+        self._write(state, "begin", **begin, config=self.config)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self.last_step_line >= 1.0 or state.global_step >= state.max_steps:
+            self.last_step_line = now
+            self._write(state, "step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        self._write(state, "log", **numbers)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(state, "end")

@@ -1,9 +1,10 @@
 """A run's live progress, for whoever watches it (`qtune studio`): one JSON line per event, appended by the training
-process to <output.dir>/<output.name>.checkpoints/progress.jsonl, and read back by `read_progress`.
+process (qtune.train.hooks.ProgressLog) to <output.dir>/<output.name>.checkpoints/progress.jsonl, and read back
+by `read_progress`. Light: no torch or transformers import, so a watcher starts fast.
 
-    {"event": "begin", "time": ..., "step": 0, "max_steps": 120, "pid": 4242, "name": "run", "cwd": "/project",
-     "config": {...the resolved RunConfig...}}
-    {"event": "step", "time": ..., "step": 1}
+    {"event": "begin", "time": ..., "step": 0, "max_steps": 120, "pid": 4242, "pid_start": 81234, "name": "run",
+     "cwd": "/project", "config": {...the resolved RunConfig...}}
+    {"event": "step", "time": ..., "step": 1}       (at most one a second, and the last)
     {"event": "log", "time": ..., "step": 5, "loss": 2.31, "learning_rate": ...}     (and "eval_loss" ones)
     {"event": "end", "time": ..., "step": 120}
 
@@ -20,40 +21,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 PROGRESS_FILE = "progress.jsonl"
 
 
-class ProgressLog(TrainerCallback):
-    """Appends the run's begin, steps, logged losses and end to `folder`/progress.jsonl (rank 0 only)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None (no such process, not Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
-    def __init__(self, folder: Path, name: str, config: dict[str, Any]):
-        self.path = Path(folder) / PROGRESS_FILE
-        self.name = name
-        self.config = config
 
-    def _write(self, state, event: str, **values: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        line = {"event": event, "time": time.time(), "step": state.global_step, **values}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None where that cannot be
+    read. With the pid it names one process: a pid alone may be reused once that process is gone."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
+        return None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        begin = {"max_steps": state.max_steps, "pid": os.getpid(), "name": self.name, "cwd": os.getcwd()}
-        self._write(state, "begin", **begin, config=self.config)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self._write(state, "step")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        self._write(state, "log", **numbers)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._write(state, "end")
+def is_alive(pid: int | None, started: int | None = None) -> bool:
+    """Is process `pid` running (a zombie is not), and, where `started` is known, the process that started then?"""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, but not ours to check further
+        return started is None
+    fields = _stat(pid)
+    if fields and fields[0] == "Z":  # exited, not yet reaped by its parent
+        return False
+    return started is None or process_start(pid) in (started, None)
 
 
 @dataclass
