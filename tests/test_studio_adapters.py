@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +17,8 @@ import pytest
 
 from qtune.config import load_config
 from qtune.serve.app import ServerThread
-from qtune.studio import playground
+from qtune.studio import jobs, playground
+from qtune.studio.adapters import list_adapters
 from qtune.studio.app import create_studio_app
 from qtune.studio.common import ApiError, Studio
 from tests.conftest import make_model_folder, write_jsonl
@@ -89,6 +92,24 @@ def server(project):
         with ServerThread(create_studio_app(studio)) as url:
             yield url, studio
         playground.close(studio)
+
+
+@pytest.fixture
+def fresh(project, tmp_path, monkeypatch):
+    """A project of its own holding a copy of the chat adapter, its studio served: (url, studio)."""
+    monkeypatch.setenv("QTUNE_HOME", str(project["root"] / ".qtune-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = (tmp_path / "p").resolve()
+    shutil.copytree(project["dir"] / "chat", root / "adapters" / "chat")
+    studio = Studio(root, root / "adapters", quant="none", dtype="fp32")
+    with ServerThread(create_studio_app(studio)) as url:
+        yield url, studio
+
+
+def edit_meta(folder: Path, **sections) -> None:
+    """Rewrite qtune.json of an adapter folder with `sections` replaced (NaN written as Python's json does)."""
+    meta = json.loads((folder / "qtune.json").read_text())
+    (folder / "qtune.json").write_text(json.dumps({**meta, **sections}))
 
 
 def call(url: str, method: str = "GET", body: dict | None = None, raw: bool = False):
@@ -335,3 +356,202 @@ def test_a_base_outside_the_project_or_missing_fails_the_load_with_its_reason(pr
         state = wait(lambda: (r := call(f"{url}/api/playground")[1])["state"] not in ("idle", "loading") and r)
         assert state["state"] == "failed" and "models/missing" in state["error"] and "\n" not in state["error"]
         assert call(f"{url}/v1/models")[0] == 503
+
+
+# ---------------------------------------------------------------- hardening
+
+
+def test_deleting_an_adapter_forgets_its_run(fresh):
+    url, studio = fresh
+    out = studio.dir
+    # A run as the studio leaves it once finished: its records in .studio/, its checkpoints, its adapter.
+    studio.state_dir.mkdir()
+    record = {"command": ["train", ".studio/chat.yaml"], "pid": None, "started": time.time(), "exit_code": 0}
+    (studio.state_dir / "chat.json").write_text(json.dumps(record))
+    (studio.state_dir / "chat.yaml").write_text("output:\n  name: chat\n")
+    (studio.state_dir / "chat.log").write_text("training\n")
+    (out / "chat.checkpoints").mkdir()
+    events = [{"event": "begin", "time": time.time(), "step": 0, "pid": None}, {"event": "end", "time": time.time()}]
+    (out / "chat.checkpoints" / "progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert [(r["name"], r["state"]) for r in call(f"{url}/api/runs")[1]["runs"]] == [("chat", "finished")]
+
+    assert call(f"{url}/api/adapters/chat", "DELETE") == (200, {"deleted": True})
+    assert call(f"{url}/api/runs")[1]["runs"] == []  # gone, not listed as failed
+    assert not (out / "chat.checkpoints").exists() and not list(studio.state_dir.glob("chat.*"))
+
+
+def test_gguf_exports_of_each_type_go_to_their_own_folder(server, project):
+    url, _ = server
+    ids = {}
+    for qtype in ("f16", "q8_0"):  # q8_0 while f16 runs: another output, not a 409
+        status, body = call(f"{url}/api/adapters/chat/export", "POST", {"format": "gguf", "type": qtype})
+        assert status == 202, body
+        ids[qtype] = body["job"]
+    for qtype, job in ids.items():
+        done = wait(lambda job=job: (r := call(f"{url}/api/jobs/{job}")[1])["state"] != "running" and r)
+        assert done["state"] == "done", done["log"]
+        assert done["out"] == f"adapters/exports/chat-gguf-{qtype}"
+        assert (project["root"] / done["out"] / f"chat-{qtype}.gguf").read_bytes()[:4] == b"GGUF"
+    status, body = call(f"{url}/api/adapters/chat/export", "POST", {"format": "gguf", "type": "q8_0"})
+    assert status == 409 and "chat-gguf-q8_0 exists" in body["error"]["message"]
+
+
+def test_at_most_two_exports_run_at_once(server, tmp_path):
+    url, studio = server
+    running = [
+        jobs.Job(
+            f"job{i}", "chat", "peft", tmp_path / f"out{i}", tmp_path / f"{i}.log", subprocess.Popen(["sleep", "60"])
+        )
+        for i in range(jobs.MAX_EXPORTS)
+    ]
+    studio.jobs.update({j.id: j for j in running})
+    try:
+        status, body = call(f"{url}/api/adapters/cls/export", "POST", {"format": "peft"})
+        assert status == 409
+        assert "2 exports are running" in body["error"]["message"]
+        assert "job0" in body["error"]["message"] and "job1" in body["error"]["message"]
+        assert not (studio.dir / "exports" / "cls-peft").exists()
+    finally:
+        for j in running:
+            j.process.kill()
+            j.process.wait()
+            del studio.jobs[j.id]
+    assert call(f"{url}/api/adapters/chat/export", "POST", {"format": "nope"})[0] == 400  # ended: not counted
+
+
+def test_one_push_preview_at_a_time_and_its_staging_folder_goes_on_failure(server, monkeypatch):
+    import qtune.hub
+    from qtune.hub import HubError
+
+    url, studio = server
+    staging, release, calls = threading.Event(), threading.Event(), []
+
+    def failing_push(adapter, repo_id, *, dry_run, out, license):
+        calls.append(repo_id)
+        Path(out).mkdir()
+        (Path(out) / "adapter_model.safetensors").write_bytes(b"half a copy")
+        if len(calls) == 1:
+            staging.set()
+            release.wait(60)
+            raise HubError("staging failed")
+        raise RuntimeError("a bug while staging")
+
+    monkeypatch.setattr(qtune.hub, "push", failing_push)
+    first: list = []
+    thread = threading.Thread(
+        target=lambda: first.append(call(f"{url}/api/adapters/chat/push-preview", "POST", {"repo_id": "a/one"}))
+    )
+    thread.start()
+    try:
+        assert staging.wait(60)
+        status, body = call(f"{url}/api/adapters/cls/push-preview", "POST", {"repo_id": "a/two"})
+        assert status == 409 and "another push preview" in body["error"]["message"]
+    finally:
+        release.set()
+        thread.join(60)
+    assert first[0][0] == 400 and first[0][1]["error"]["message"] == "staging failed"
+    assert not list(studio.state_dir.glob("push-preview-*"))
+    # Free again; a failure that is a bug is a 500, and still leaves nothing staged.
+    status, body = call(f"{url}/api/adapters/chat/push-preview", "POST", {"repo_id": "a/three"})
+    assert status == 500 and "a bug while staging" in body["error"]["message"]
+    assert calls == ["a/one", "a/three"] and not list(studio.state_dir.glob("push-preview-*"))
+
+
+def test_data_of_several_sources_is_named_as_the_model_card_names_it(fresh):
+    url, studio = fresh
+    folder = studio.dir / "chat"
+    meta = json.loads((folder / "qtune.json").read_text())
+    meta["config"]["data"]["train"] = [{"path": "/somewhere/else/a.jsonl"}, "data/b.jsonl", {"path": "org/set"}]
+    del meta["data"]["train"]["file"]  # (as an adapter trained before the report named its files)
+    (folder / "qtune.json").write_text(json.dumps(meta))
+    assert call(f"{url}/api/adapters/chat")[1]["data"] == "a.jsonl + b.jsonl + org/set"
+
+
+def test_malformed_qtune_json_values_and_nan_metrics_never_make_a_500(fresh):
+    url, studio = fresh
+    folder = studio.dir / "chat"
+    nan, inf = float("nan"), float("inf")
+    base = json.loads((folder / "qtune.json").read_text())["base"]
+    edit_meta(
+        folder,
+        metrics={"loss": nan, "accuracy": inf, "eval_loss": 0.5},
+        training={"steps": 3, "loss_curve": [[1, nan], [2, 1.0], "x"], "eval_loss_curve": 7},
+        samples=[1, "x", {"prompt": "p", "answer": "a", "output": "b"}],
+        data=["not", "an object"],
+    )
+    status, body = call(f"{url}/api/adapters")
+    assert status == 200 and body["adapters"][0]["metrics"] == {"loss": None, "accuracy": None, "eval_loss": 0.5}
+    status, chat = call(f"{url}/api/adapters/chat")
+    assert status == 200, chat
+    assert chat["loss"] == [[1, None], [2, 1.0]] and chat["eval_loss"] == []
+    assert chat["samples"] == [{"prompt": "p", "reference": "a", "answer": "b", "row": None, "correct": None}]
+    assert chat["data"] == "train.jsonl" and chat["examples"] is None  # (the name from the recorded config)
+    for sections in (
+        {"samples": 7, "metrics": [1, 2], "training": "long"},
+        {
+            "samples": {"a": 1},
+            "metrics": {"confusion": nan, "labels": "x"},
+            "base": {**base, "name": 5},
+        },
+    ):
+        edit_meta(folder, **sections)
+        status, body = call(f"{url}/api/adapters/chat")
+        assert status == 200, body
+        assert call(f"{url}/api/adapters")[0] == 200
+
+
+def test_the_loss_curve_is_served_only_from_inside_the_project(fresh, tmp_path):
+    url, studio = fresh
+    png = studio.dir / "chat" / "loss.png"
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    png.unlink()
+    png.symlink_to(outside)
+    assert call(f"{url}/api/adapters/chat/loss.png", raw=True)[0] == 404
+
+
+def with_base(folder: Path, name: str, when: float | None = None) -> None:
+    meta = json.loads((folder / "qtune.json").read_text())
+    meta["config"]["model"]["name"] = meta["base"]["name"] = name
+    (folder / "qtune.json").write_text(json.dumps(meta))
+    if when is not None:
+        for file in ("qtune.json", "adapter_config.json"):
+            os.utime(folder / file, (when, when))
+
+
+def test_the_playground_base_comes_from_the_newest_adapter_the_list_shows(fresh):
+    _, studio = fresh
+    for folder in ("a", "b"):
+        (studio.project / "models" / folder).mkdir(parents=True)
+    with_base(studio.dir / "chat", "models/a", when=time.time() - 100)
+    newer = shutil.copytree(studio.dir / "chat", studio.dir / "newer")
+    with_base(newer, "models/b", when=time.time())
+    assert playground.choose_base(studio) == str(studio.project / "models" / "b")
+    (newer / "adapter_model.safetensors").unlink()  # the list skips it: so does the playground
+    assert "newer" in {s["name"] for s in list_adapters(studio)[1]}
+    assert playground.choose_base(studio) == str(studio.project / "models" / "a")
+
+
+def test_the_playground_takes_a_base_for_a_hub_id_exactly_when_qtune_does(fresh, monkeypatch):
+    import huggingface_hub
+
+    from qtune.errors import ModelError
+    from qtune.models import resolve_base
+
+    _, studio = fresh
+    root = studio.project
+    (root / "org").mkdir()
+    (root / "org" / "file").write_text("a file, not a model folder")
+    (root / "org" / "dir").mkdir()
+
+    asked: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kwargs: asked.append(name) or 1 / 0)
+    monkeypatch.chdir(root)  # qtune train resolves a relative model.name from the project folder
+    for name in ("org/model", "org/file", "org/dir", "org/model.v2", "models/tiny", "a/b/c", "./org/model"):
+        with_base(studio.dir / "chat", name)
+        asked.clear()
+        with pytest.raises(ModelError):  # (no config.json in the folders, no hub here)
+            resolve_base(name)
+        from_hub = asked == [name]
+        expected = name if from_hub else str((root / name).resolve())
+        assert playground.choose_base(studio) == expected, name

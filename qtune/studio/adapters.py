@@ -1,27 +1,26 @@
-"""Finished adapters for the studio: the list and details (from qtune.json), delete, export jobs (`qtune export`
-as a child process) and a push preview (`qtune push --dry-run` into a temporary folder).
+"""Finished adapters for the studio: the list and details (from qtune.json), and delete. Export jobs and the push
+preview are in qtune/studio/jobs.py.
 
 An adapter is a folder directly under the output folder holding qtune.json or adapter_config.json (a plain PEFT
-one). What cannot be read is listed in `skipped` with its reason, never failing the list."""
+one). What cannot be read is listed in `skipped` with its reason, never failing the list. A qtune.json edited by
+hand (a section of the wrong type, NaN metrics) still shows: what is malformed shows as empty, NaN as null."""
 
 from __future__ import annotations
 
+import math
 import secrets
 import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qtune.errors import USER_ERRORS, AdapterError
 from qtune.meta import ADAPTER_CONFIG, CLASSIFIER, META_FILE, AdapterMeta, read_adapter_config
-from qtune.studio.common import ApiError, Studio, api, check_name, error_line, read_json, spawn, tail
+from qtune.studio import jobs
+from qtune.studio.common import ApiError, Studio, api, check_name, inside
+from qtune.studio.jobs import EXPORTS
 
-EXPORTS = "exports"  # <dir>/exports/<name>-<format>: what the export jobs write
 HIDDEN_SUFFIXES = (".checkpoints", ".runs", ".hub")  # a run's checkpoints, TensorBoard logs, a push dry run
-FORMATS = ("peft", "gguf", "gguf-lora")
-GGUF_TYPES = ("f16", "q8_0")
+UNREADABLE = (*USER_ERRORS, OSError, ValueError, TypeError, AttributeError)  # an adapter the list skips
 
 
 def kind_of(kind: str) -> str:
@@ -51,14 +50,28 @@ def _method(lora: dict[str, Any], quant: str | None, dtype: str | None) -> str:
     return f"{name} r={r}{rslora}" + (f", {storage}" if storage else "")
 
 
-def _data_name(report: dict[str, Any] | None, config_train: Any) -> str | None:
-    """The training data's file name(s), without the folders (a hub dataset id as it is)."""
-    from qtune.data.read import is_hub_dataset
+def _data_name(report: dict[str, Any], config_train: Any) -> str | None:
+    """The training data's file name(s) as the published model card shows them: each local path cut to its last
+    part, a hub dataset id as it is (qtune.hub.card.public_meta does the cutting). `report` is qtune.json's
+    data.train report, `config_train` its recorded config's data.train (a path, or a list of sources)."""
+    from qtune.hub.card import public_meta
 
-    spec = (report or {}).get("file") or (config_train if isinstance(config_train, str) else None)
-    if not spec:
-        return None
-    return " + ".join(p if is_hub_dataset(p) else Path(p).name for p in str(spec).split(" + "))
+    if isinstance(config_train, list):  # (a source written as plain text is its path)
+        config_train = [{"path": s} if isinstance(s, str) else s for s in config_train]
+    cut = public_meta({"data": {"train": {"file": report.get("file")}}, "config": {"data": {"train": config_train}}})
+    spec = cut["data"]["train"]["file"] or cut["config"]["data"]["train"]
+    if isinstance(spec, list):
+        spec = " + ".join(s["path"] for s in spec if isinstance(s, dict) and isinstance(s.get("path"), str))
+    return spec if isinstance(spec, str) and spec else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """A qtune.json section that should be an object: anything else (hand-edited) reads as empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +79,20 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(the list entry, qtune.json as written or None for a plain PEFT folder); a qtune error when unreadable."""
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None: JSON has no such numbers (a diverged run logs NaN
+    losses; Python's json reads them from qtune.json, the response must not write them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def read_adapter(path: Path) -> tuple[dict[str, Any], AdapterMeta | None]:
+    """(the list entry, the parsed qtune.json or None for a plain PEFT folder); a qtune error when unreadable."""
     created = max(p.stat().st_mtime for p in (path / META_FILE, path / ADAPTER_CONFIG) if p.is_file())
     if not (path / META_FILE).is_file():
         peft = read_adapter_config(path)
@@ -85,31 +110,39 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         return entry, None
     meta = AdapterMeta.read(path)  # checks the PEFT files are there and qtune.json parses
     raw, cfg = meta.raw, meta.config
-    train_report = (raw.get("data") or {}).get("train") or {}
+    train_report = _dict(_dict(raw.get("data")).get("train"))
+    base = meta.base.get("name")
     entry = {
         "name": path.name,
         "kind": kind_of(meta.kind),
-        "base": meta.base.get("name") or cfg.model.name,
+        "base": base if isinstance(base, str) and base else cfg.model.name,
         "method": _method(vars(cfg.lora), cfg.quant.method, cfg.model.dtype),
-        "data": _data_name(train_report, cfg.data.train),
+        "data": _data_name(train_report, _dict(_dict(raw.get("config")).get("data")).get("train")),
         "examples": train_report.get("examples"),
-        "steps": (raw.get("training") or {}).get("steps"),
-        "metrics": _numbers(meta.metrics),
+        "steps": _dict(raw.get("training")).get("steps"),
+        "metrics": _numbers(_dict(meta.metrics)),
         "created": created,
     }
-    return entry, raw
+    return entry, meta
+
+
+def read_adapters(studio: Studio) -> tuple[list[tuple[dict[str, Any], AdapterMeta | None]], list[dict[str, str]]]:
+    """(each adapter's list entry with its parsed qtune.json (None: a plain PEFT folder), newest first; the folders
+    that cannot be read, with their reasons)."""
+    read, skipped = [], []
+    for path in adapter_folders(studio):
+        try:
+            read.append(read_adapter(path))
+        except UNREADABLE as e:
+            skipped.append({"name": path.name, "reason": str(e) if isinstance(e, USER_ERRORS) else repr(e)})
+    read.sort(key=lambda r: r[0]["created"], reverse=True)
+    return read, skipped
 
 
 def list_adapters(studio: Studio) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """(entries newest first, skipped folders with their reasons)."""
-    entries, skipped = [], []
-    for path in adapter_folders(studio):
-        try:
-            entries.append(read_adapter(path)[0])
-        except (*USER_ERRORS, OSError, ValueError, TypeError) as e:
-            skipped.append({"name": path.name, "reason": str(e) if isinstance(e, USER_ERRORS) else repr(e)})
-    entries.sort(key=lambda e: e["created"], reverse=True)
-    return entries, skipped
+    read, skipped = read_adapters(studio)
+    return [entry for entry, _ in read], skipped
 
 
 def adapter_dir(studio: Studio, name: Any) -> Path:
@@ -121,8 +154,16 @@ def adapter_dir(studio: Studio, name: Any) -> Path:
     return path
 
 
+def within(studio: Studio, path: Path) -> Path | None:
+    """`path` resolved, links followed, if it lies inside the project folder (common.inside's rule), else None."""
+    try:
+        return inside(studio, str(path), str(path))
+    except ApiError:
+        return None
+
+
 def _points(curve: Any) -> list[list[float]]:
-    return [[p[0], p[1]] for p in curve or [] if isinstance(p, (list, tuple)) and len(p) == 2]
+    return [[p[0], p[1]] for p in _list(curve) if isinstance(p, list) and len(p) == 2]
 
 
 def _confusion(metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,17 +191,17 @@ def _sample(s: dict[str, Any]) -> dict[str, Any]:
 
 def adapter_details(studio: Studio, path: Path) -> dict[str, Any]:
     """The list entry plus curves, confusion matrix, samples, the recorded config and the folder's files."""
-    entry, raw = read_adapter(path)
-    raw = raw or {}
-    training = raw.get("training") or {}
+    entry, meta = read_adapter(path)
+    raw = meta.raw if meta else {}
+    training = _dict(raw.get("training"))
     files = [{"name": p.name, "size": p.stat().st_size} for p in sorted(path.iterdir()) if p.is_file()]
     return {
         **entry,
         "loss": _points(training.get("loss_curve")),
         "eval_loss": _points(training.get("eval_loss_curve")),
-        "confusion": _confusion(raw.get("metrics") or {}),
-        "samples": [_sample(s) for s in raw.get("samples") or [] if isinstance(s, dict)],
-        "config": raw.get("config") or {},
+        "confusion": _confusion(_dict(raw.get("metrics"))),
+        "samples": [_sample(s) for s in _list(raw.get("samples")) if isinstance(s, dict)],
+        "config": _dict(raw.get("config")),
         "files": files,
     }
 
@@ -173,8 +214,8 @@ def delete_adapter(studio: Studio, name: str) -> None:
             400, f"{studio.relative(path)} is a link: the studio deletes only real folders; remove it yourself"
         )
     path = adapter_dir(studio, name)
-    resolved, root = path.resolve(), studio.dir.resolve()
-    if not resolved.is_relative_to(root) or resolved.parent != root or not resolved.is_dir():
+    resolved = within(studio, path)
+    if resolved is None or resolved.parent != studio.dir.resolve() or not resolved.is_dir():
         raise ApiError(400, f"{studio.relative(path)} is not a folder directly under {studio.relative(studio.dir)}")
     # Moved aside first, then removed: an interrupted delete never leaves half an adapter under its name.
     studio.state_dir.mkdir(parents=True, exist_ok=True)
@@ -183,101 +224,27 @@ def delete_adapter(studio: Studio, name: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- export jobs
-
-
-@dataclass
-class Job:
-    """An export running as a `qtune export` process."""
-
-    id: str
-    adapter: str
-    format: str
-    out: Path
-    log: Path
-    process: subprocess.Popen
-
-    def state(self) -> str:
-        code = self.process.poll()
-        if code is None:
-            return "running"
-        return "done" if code == 0 and self.out.exists() else "failed"
-
-
-def export_path(studio: Studio, name: str, fmt: str) -> Path:
-    """Where an export goes: a folder for peft and gguf, a .gguf file for gguf-lora (as `qtune export` wants OUT)."""
-    return studio.dir / EXPORTS / (f"{name}-{fmt}" + (".gguf" if fmt == "gguf-lora" else ""))
-
-
-def start_export(studio: Studio, name: str, body: dict[str, Any]) -> Job:
-    """Check the request, then start `qtune export` into <dir>/exports/ (a 400 names the field; a 409: the output
-    exists)."""
-    path = adapter_dir(studio, name)
-    fmt, qtype = body.get("format"), body.get("type", "f16")
-    if fmt not in FORMATS:
-        raise ApiError(400, f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", "format")
-    if qtype not in GGUF_TYPES:
-        raise ApiError(400, f"type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}", "type")
-    out = export_path(studio, name, fmt)
-    if out.exists() or out.is_symlink():
-        raise ApiError(409, f"{studio.relative(out)} exists: delete it first to export again", "format")
-    if any(j.out == out and j.state() == "running" for j in studio.jobs.values()):
-        raise ApiError(409, f"an export into {studio.relative(out)} is already running", "format")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    job_id = secrets.token_hex(6)
-    log = studio.state_dir / "jobs" / f"{job_id}.log"
-    argv = ["export", str(path), str(out), "--format", fmt] + (["--type", qtype] if fmt == "gguf" else [])
-    job = Job(job_id, name, fmt, out, log, spawn(studio, argv, log))
-    studio.jobs[job_id] = job
-    return job
-
-
-def job_status(studio: Studio, job: Job) -> dict[str, Any]:
-    state, log = job.state(), tail(job.log)
-    return {
-        "id": job.id,
-        "adapter": job.adapter,
-        "format": job.format,
-        "state": state,
-        "log": log,
-        "out": studio.relative(job.out) if state == "done" else None,
-        "error": (error_line(log) or f"qtune export exited with code {job.process.returncode}")
-        if state == "failed"
-        else None,
-    }
-
-
-# ---------------------------------------------------------------- push preview
-
-
-def push_preview(studio: Studio, path: Path, repo_id: str, license: str | None) -> dict[str, Any]:
-    """What `qtune push --dry-run` stages (card and files), staged in a temporary folder that is removed after."""
-    from qtune.hub import push
-    from qtune.hub.resolve import CARD_FILE
-
-    studio.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="push-preview-", dir=studio.state_dir))
+def forget_run(studio: Studio, name: str) -> None:
+    """After its adapter is deleted, the run of that name goes too (else the runs list shows it as failed): the
+    studio's records of it and its checkpoint folder."""
     try:
-        result = push(path, repo_id, dry_run=True, out=tmp / path.name, license=license)
-        card = (result.folder / CARD_FILE).read_text(encoding="utf-8")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"card": card, "files": [{"name": n, "size": s} for n, s in result.files], "notes": result.notes}
+        from qtune.studio.runs import forget  # lazily: runs.py imports this module's neighbours
+    except ImportError:  # TODO: drop this fallback once runs.forget lands
+        forget = _forget_records
+    forget(studio, name)
 
 
-def check_repo_id(value: Any) -> str:
-    """`owner/name`, as `qtune push` takes it, or a 400 naming the field."""
-    from qtune.hub import HubError, parse_repo_id
-
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "repo_id: give the hub repo as 'owner/name'", "repo_id")
-    try:
-        repo, revision = parse_repo_id(value)
-    except HubError as e:
-        raise ApiError(400, str(e), "repo_id") from None
-    if revision:
-        raise ApiError(400, f"repo_id: {value!r} names a revision; the preview takes 'owner/name'", "repo_id")
-    return repo
+def _forget_records(studio: Studio, name: str) -> None:
+    """What runs.forget removes: <dir>/.studio/<name>.json, .yaml, .log and <dir>/<name>.checkpoints (a link to a
+    folder elsewhere: the link only). The caller has checked that no run trains into it."""
+    for suffix in (".json", ".yaml", ".log"):
+        (studio.state_dir / f"{name}{suffix}").unlink(missing_ok=True)
+    checkpoints = studio.dir / f"{name}.checkpoints"
+    if checkpoints.is_symlink() or checkpoints.is_file():
+        checkpoints.unlink()
+    elif checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
+    studio.processes.pop(name, None)  # an exited process: nothing trains into it
 
 
 # ---------------------------------------------------------------- routes
@@ -291,17 +258,18 @@ def routes(studio: Studio) -> list:
 
     async def index(request):
         entries, skipped = await run_in_threadpool(list_adapters, studio)
-        return JSONResponse({"adapters": entries, "skipped": skipped})
+        return JSONResponse(finite({"adapters": entries, "skipped": skipped}))
 
     async def detail(request):
         path = adapter_dir(studio, request.path_params["name"])
-        return JSONResponse(await run_in_threadpool(adapter_details, studio, path))
+        return JSONResponse(finite(await run_in_threadpool(adapter_details, studio, path)))
 
     async def loss_png(request):
         path = adapter_dir(studio, request.path_params["name"]) / "loss.png"
-        if not path.is_file() or not path.resolve().is_relative_to(studio.project):
+        png = within(studio, path)
+        if png is None or not png.is_file():
             raise ApiError(404, f"{studio.relative(path)}: no loss curve")
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(png, media_type="image/png")
 
     async def delete(request):
         name = request.path_params["name"]
@@ -317,35 +285,13 @@ def routes(studio: Studio) -> list:
             except AdapterError as e:  # a running generation uses it
                 raise ApiError(409, str(e)) from None
         await run_in_threadpool(delete_adapter, studio, name)
+        await run_in_threadpool(forget_run, studio, name)
         return JSONResponse({"deleted": True})
-
-    async def export(request):
-        body = await read_json(request)
-        job = start_export(studio, request.path_params["name"], body)
-        return JSONResponse({"job": job.id}, status_code=202)
-
-    async def job(request):
-        job_id = request.path_params["id"]
-        found = studio.jobs.get(job_id)
-        if found is None:
-            raise ApiError(404, f"no export job {job_id!r} (jobs are kept while the studio runs)")
-        return JSONResponse(job_status(studio, found))
-
-    async def preview(request):
-        body = await read_json(request)
-        path = adapter_dir(studio, request.path_params["name"])
-        repo_id = check_repo_id(body.get("repo_id"))
-        license = body.get("license")
-        if license is not None and (not isinstance(license, str) or not license.strip()):
-            raise ApiError(400, "license: give a license id such as 'apache-2.0', or leave it out", "license")
-        return JSONResponse(await run_in_threadpool(push_preview, studio, path, repo_id, license))
 
     return [
         Route("/api/adapters", api(index), methods=["GET"]),
         Route("/api/adapters/{name}", api(detail), methods=["GET"]),
         Route("/api/adapters/{name}", api(delete), methods=["DELETE"]),
         Route("/api/adapters/{name}/loss.png", api(loss_png), methods=["GET"]),
-        Route("/api/adapters/{name}/export", api(export), methods=["POST"]),
-        Route("/api/adapters/{name}/push-preview", api(preview), methods=["POST"]),
-        Route("/api/jobs/{id}", api(job), methods=["GET"]),
+        *jobs.routes(studio),
     ]

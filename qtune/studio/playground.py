@@ -7,16 +7,15 @@ the serve app's scheduler thread, between batches, so it never races a generatio
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from qtune.errors import USER_ERRORS, AdapterError
-from qtune.meta import CAUSAL_LM, META_FILE
-from qtune.models import EMBEDDED_ALIAS
-from qtune.studio.adapters import adapter_folders, kind_of
-from qtune.studio.common import ApiError, Studio, api
+from qtune.meta import CAUSAL_LM
+from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
+from qtune.studio.adapters import adapter_folders, kind_of, read_adapters
+from qtune.studio.common import ApiError, Studio, api, inside
 
 MAX_ADAPTERS = 8
 MAX_TOKENS = 256  # the page asks for short answers; a longer request is a 400 naming the limit
@@ -29,6 +28,14 @@ def _reason(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
+def _hub_id(studio: Studio, name: str) -> bool:
+    """Does qtune take `name` for a hub id (qtune.models.resolve_base's rule, with the project folder as the working
+    folder): shaped 'org/model' and no such folder. Anything else but an embedded alias is a local folder."""
+    if Path(name).suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return False
+    return not (studio.project / name).is_dir()  # (a relative 'org/model' with no '~': no expanduser to do)
+
+
 def choose_base(studio: Studio) -> str:
     """The playground's base: --base, else the base of the newest causal-LM qtune adapter, else the embedded model.
 
@@ -36,30 +43,14 @@ def choose_base(studio: Studio) -> str:
     if studio.base:  # the user's --base; a relative folder is the project's (the studio may run elsewhere)
         here = studio.project / Path(studio.base).expanduser()
         return str(here.resolve()) if here.is_dir() else studio.base
-    newest: tuple[float, str] | None = None
-    for path in adapter_folders(studio):
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-            kind, name = meta.get("kind", CAUSAL_LM), meta["config"]["model"]["name"]
-            when = (path / META_FILE).stat().st_mtime
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # a plain PEFT folder, or one the adapter list shows as skipped
-        if kind == CAUSAL_LM and isinstance(name, str) and name and (newest is None or when > newest[0]):
-            newest = (when, name)
-    if newest is None:
-        return EMBEDDED_ALIAS
-    name = newest[1]
-    local = name.startswith((".", "/", "~")) or name.count("/") != 1 or (studio.project / name).exists()
-    if name == EMBEDDED_ALIAS or not local:
-        return name  # the embedded model, or a hub id (from the hub cache; HF_HUB_OFFLINE as the user set it)
-    path = (studio.project / Path(name).expanduser()).resolve()
-    if not path.is_relative_to(studio.project):
-        raise ApiError(
-            400,
-            f"the newest adapter's base {name} is outside the project folder {studio.project}: "
-            "start the studio with --base",
-        )
-    return str(path)
+    read, _ = read_adapters(studio)  # newest first; a plain PEFT folder records no qtune config: not a candidate
+    name = next((meta.config.model.name for _, meta in read if meta and meta.kind == CAUSAL_LM), EMBEDDED_ALIAS)
+    if name in (EMBEDDED_ALIAS, ENCODER_ALIAS) or _hub_id(studio, name):
+        return name  # qtune's own model, or a hub id (from the hub cache; HF_HUB_OFFLINE as the user set it)
+    try:
+        return str(inside(studio, name, "the newest adapter's base"))
+    except ApiError as e:
+        raise ApiError(400, f"{e.message}: start the studio with --base") from None
 
 
 class Playground:
