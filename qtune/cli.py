@@ -16,10 +16,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from qtune import DISTRIBUTION
+from qtune import BUILTIN_RECIPES, DISTRIBUTION, recipes_package
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent  # the repo, when qtune runs from its source uninstalled
-BUILTIN_RECIPES = ("sft", "classify")
+_recipes = recipes_package  # (the library owns where the recipes are: qtune.recipes_package)
 TRUST_CODE = "run model code shipped with the base (never taken from the adapter's qtune.json)"
 ADAPTER_ARG = "adapter folder (adapters/NAME) or hub id (owner/name[@revision])"
 IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
@@ -35,15 +35,6 @@ def _version() -> str:
         pyproject = SOURCE_TREE / "pyproject.toml"
         found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return found.group(1) if found else "unknown"
-
-
-def _recipes() -> tuple[str, Path]:
-    """The built-in recipes' package and folder: `qtune.recipes` once installed (pyproject.toml maps the repo's
-    recipes/ folder there), else the source tree's `recipes` package."""
-    spec = importlib.util.find_spec("qtune.recipes")
-    if spec is not None and spec.submodule_search_locations:
-        return "qtune.recipes", Path(list(spec.submodule_search_locations)[0])
-    return "recipes", SOURCE_TREE / "recipes"
 
 
 def _recipe_main(recipe: str):
@@ -352,7 +343,8 @@ def cmd_studio(args) -> None:
         args.dir,
         host=args.host,
         port=args.port,
-        token=args.token or os.environ.get("QTUNE_STUDIO_TOKEN") or None,
+        token=None if args.no_token else args.token or os.environ.get("QTUNE_STUDIO_TOKEN") or None,
+        no_token=args.no_token,
         base=args.base,
         quant=args.quant,
         dtype=args.dtype,
@@ -547,9 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studio", help="a browser page to run, watch, compare and ship adapters (this folder only)")
     p.add_argument("--dir", default="adapters", help="the runs' and adapters' folder, inside this one")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback needs --token")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback: keep a token)")
     p.add_argument("--port", type=_port, default=7860)
-    p.add_argument("--token", default=None, help="bearer token every request needs (default: $QTUNE_STUDIO_TOKEN)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        default=None,
+        help="bearer token every API request needs (default: $QTUNE_STUDIO_TOKEN, else a random one in the URL)",
+    )
+    token.add_argument(
+        "--no-token", action="store_true", help="no token: anyone on this machine may use it (loopback only)"
+    )
     p.add_argument("--base", default=None, help="the playground's base (default: the newest adapter's)")
     p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4", help="the playground base's")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")

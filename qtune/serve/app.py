@@ -296,6 +296,33 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+def check_server_launch(verb: str, host: str, token: str | None, token_env: str, protects: str) -> None:
+    """What `qtune serve` and `qtune studio` check before they listen: their extra is installed (starlette and
+    uvicorn), and a `host` beyond loopback has a token.
+
+    Args:
+        verb: the command (`serve`, `studio`): its extra has the same name.
+        host, token: where it would listen, and the bearer token it would require.
+        token_env: the environment variable the token may come from instead of --token.
+        protects: what the token keeps from other machines, as the end of a sentence.
+
+    Raises:
+        MissingExtraError: starlette or uvicorn is missing.
+        ConfigError: `host` is reachable from other machines and there is no token.
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError(
+            f"qtune {verb} needs {e.name or 'starlette and uvicorn'}: pip install '{DISTRIBUTION}[{verb}]'"
+        ) from None
+    if not is_loopback(host) and not token:
+        raise ConfigError(
+            f"--host {host} is reachable from other machines: set --token (or {token_env}) so that {protects}"
+        )
+
+
 def serve(
     base: str,
     adapters_dir: str | Path | None = None,
@@ -333,22 +360,14 @@ def serve(
     An adapter folder under `adapters_dir` that cannot be served (truncated weights, a bad qtune.json, another
     base) is skipped with its reason in the log and in GET /v1/models; the others are served.
     """
-    try:  # the `serve` extra
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise MissingExtraError(
-            f"qtune serve needs {e.name or 'starlette and uvicorn'}: pip install '{DISTRIBUTION}[serve]'"
-        ) from None
+    check_server_launch(
+        "serve", host, token, "QTUNE_SERVE_TOKEN", "the admin routes that load and unload adapters are protected"
+    )
+    import uvicorn
 
     from qtune.errors import ModelError, PlanError
     from qtune.plan import parse_bytes
 
-    if not is_loopback(host) and not token:
-        raise ConfigError(
-            f"--host {host} is reachable from other machines: set --token (or QTUNE_SERVE_TOKEN) so that "
-            "the admin routes that load and unload adapters are protected"
-        )
     checks = (("--max-batch", max_batch), ("--max-tokens-limit", max_tokens_limit), ("--prefill-chunk", prefill_chunk))
     for flag, value in checks:
         if value < 1:

@@ -1,11 +1,12 @@
 """`qtune studio`: the Starlette app (the page, the JSON API, the playground's /v1/ routes) behind one guard.
 
-    qtune studio                      # http://127.0.0.1:7860, this folder only
+    qtune studio                      # http://127.0.0.1:7860/#token=<random>, this folder only
     qtune studio --host 0.0.0.0 --token SECRET
 
 The guard (docs/studio.md, Security) runs before every route: the Host header must name the bound address (DNS
 rebinding), an Origin must be this server, a state-changing request must be JSON (a form post from another site
-cannot be), and once a token is set every /api/ and /v1/ request needs it.
+cannot be), and every /api/ and /v1/ request needs the token (a random one unless --token or --no-token). The page
+itself (/ and /static/) is served without it: it holds no data, and it must load to read the token from the URL.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import contextlib
 import hmac
 import ipaddress
 import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from qtune import DISTRIBUTION, __version__
-from qtune.errors import ConfigError, MissingExtraError
-from qtune.serve.app import is_loopback
+from qtune import __version__
+from qtune.errors import ConfigError
+from qtune.serve.app import check_server_launch, is_loopback
 from qtune.studio import adapters, plan, playground, runs
 from qtune.studio import configs as config_routes
 from qtune.studio.common import Studio, api
@@ -144,7 +146,7 @@ def create_studio_app(studio: Studio) -> Starlette:
 
     def static_file(name: str):
         path = STATIC / name
-        if not STATIC_NAME.match(name) or path.suffix not in STATIC_TYPES or not path.is_file():
+        if not STATIC_NAME.fullmatch(name) or path.suffix not in STATIC_TYPES or not path.is_file():
             return JSONResponse({"error": {"message": f"no page file {name!r}", "field": None}}, status_code=404)
         return FileResponse(path, media_type=STATIC_TYPES[path.suffix], headers={"cache-control": "no-cache"})
 
@@ -191,6 +193,7 @@ def run_studio(
     host: str = "127.0.0.1",
     port: int = 7860,
     token: str | None = None,
+    no_token: bool = False,
     base: str | None = None,
     quant: str = "nf4",
     dtype: str | None = None,
@@ -201,29 +204,39 @@ def run_studio(
     Args:
         project: the folder the studio reads and writes in (never outside it).
         dir: the runs' and adapters' folder (output.dir), relative to `project`; created if missing.
-        host, port: where to listen; beyond loopback a `token` is required.
-        token: bearer token every /api/ and /v1/ request needs once set.
+        host, port: where to listen; beyond loopback a token is required (`no_token` is for loopback only).
+        token: the bearer token every /api/ and /v1/ request needs; None: a random one, printed in the page's URL
+            (so that other users and processes on this machine cannot drive the studio).
+        no_token: no token at all (loopback only): anything on this machine may use the studio.
         base, quant, dtype: the playground's base model and how it is loaded.
     """
-    try:  # the `studio` extra (the same stack as `serve`)
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise MissingExtraError(
-            f"qtune studio needs {e.name or 'starlette and uvicorn'}: pip install '{DISTRIBUTION}[studio]'"
-        ) from None
-    if not is_loopback(host) and not token:
-        raise ConfigError(
-            f"--host {host} is reachable from other machines: set --token (or QTUNE_STUDIO_TOKEN) so that only "
-            "someone holding it can start runs and read your data"
-        )
+    if token and no_token:
+        raise ConfigError("--no-token and --token (or QTUNE_STUDIO_TOKEN) exclude each other: give one")
+    if not token and not no_token:
+        token = secrets.token_urlsafe(16)
+    check_server_launch(
+        "studio",
+        host,
+        token,
+        "QTUNE_STUDIO_TOKEN",
+        "only someone holding it can start runs and read your data (--no-token is for loopback only)",
+    )
+    import uvicorn
+
     project = Path(project).resolve()
-    folder = (project / Path(dir).expanduser()).resolve()
+    try:
+        folder = (project / Path(dir).expanduser()).resolve()
+    except RuntimeError as e:
+        raise ConfigError(f"--dir {dir}: cannot resolve it ({e}); give a folder inside {project}") from None
     if not folder.is_relative_to(project):
         raise ConfigError(f"--dir {dir}: {folder} is outside the project folder {project}; give a folder inside it")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--dir {dir}: {folder} is a file; give a folder")
-    if base and base.startswith((".", "/", "~")) and not (project / Path(base).expanduser()).is_dir():
+    try:
+        missing = base and base.startswith((".", "/", "~")) and not (project / Path(base).expanduser()).is_dir()
+    except RuntimeError:  # ~nosuchuser
+        missing = True
+    if missing:
         raise ConfigError(f"--base {base}: no such model folder; give a model folder, or a built-in name")
     folder.mkdir(parents=True, exist_ok=True)
     studio = Studio(project=project, dir=folder, token=token, host=host, base=base, quant=quant, dtype=dtype)

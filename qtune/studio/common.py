@@ -16,6 +16,9 @@ from qtune.errors import USER_ERRORS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_BODY = 1 << 20  # the studio's forms are small: 1 MiB is plenty
 STATE_DIR = ".studio"  # <dir>/.studio/: what the studio launched (configs, logs, records)
+# Folders kept beside the runs in <dir>: no run may be called so (docs/studio.md, Names).
+RESERVED_NAMES = ("exports", STATE_DIR)
+RESERVED_SUFFIXES = (".checkpoints", ".runs", ".hub")
 
 
 class ApiError(Exception):
@@ -40,6 +43,8 @@ class Studio:
     playground: Any = None  # qtune.studio.playground.Playground, once created
     processes: dict[str, Any] = field(default_factory=dict)  # runs this studio launched: name -> Launched
     jobs: dict[str, Any] = field(default_factory=dict)  # export jobs: id -> Job
+    # runs an earlier studio over this folder launched, which this one was asked to stop: name -> pid
+    stopping: dict[str, int] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -64,12 +69,30 @@ def check_name(name: Any, what: str = "name", field: str | None = None) -> str:
     return name
 
 
+def check_output_name(name: Any, field: str = "output.name") -> str:
+    """A run's name (output.name): a plain name that is none of the folders the studio and qtune keep beside the
+    runs (exports/, .studio/, <name>.checkpoints, .runs, .hub), or a 400 naming the field."""
+    check_name(name, field, field)
+    if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+        raise ApiError(
+            400,
+            f"{field}: {name!r} is reserved ({', '.join(RESERVED_NAMES)} and names ending in "
+            f"{', '.join(RESERVED_SUFFIXES)} are folders kept beside the runs); pick another name",
+            field,
+        )
+    return name
+
+
 def inside(studio: Studio, path: Any, what: str, field: str | None = None) -> Path:
     """`path` (relative to the project folder, or absolute) resolved, links followed; a 400 naming `field` if it
     leads outside the project folder."""
     if not isinstance(path, str) or not path or "\x00" in path:
         raise ApiError(400, f"{what}: give a path inside the project folder", field)
-    resolved = (studio.project / Path(path).expanduser()).resolve()
+    try:
+        resolved = (studio.project / Path(path).expanduser()).resolve()
+    except RuntimeError as e:  # ~nosuchuser/x: no such home folder (or a link loop)
+        message = f"{what}: cannot resolve {path!r} ({e}); give a path inside the project folder"
+        raise ApiError(400, message, field) from None
     if not resolved.is_relative_to(studio.project):
         raise ApiError(400, f"{what}: {path} is outside the project folder {studio.project}", field)
     return resolved
@@ -118,7 +141,7 @@ def spawn(studio: Studio, argv: list[str], log: Path) -> subprocess.Popen:
     """Start `python -m qtune.cli ARGV...` in the project folder, in its own process group (so a stop reaches its
     children too), stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the user's HF_HUB_OFFLINE (and the rest) apply as they are
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "qtune.cli", *argv],

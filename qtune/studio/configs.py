@@ -35,9 +35,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def shipped_folder() -> Path:
     """Where the package's configs are: recipes/configs (`qtune ls` lists the same)."""
-    from qtune.cli import _recipes
+    from qtune import recipes_folder
 
-    return _recipes()[1] / "configs"
+    return recipes_folder() / "configs"
 
 
 def _title(path: Path) -> str:
@@ -166,21 +166,22 @@ def overrides(values: Any) -> list[str]:
 
 def check_paths(studio: Studio, cfg: Any) -> None:
     """Every file the run would read is inside the project: data, a local base, a chat template file, a recipe."""
-    from qtune.cli import BUILTIN_RECIPES
+    from qtune import BUILTIN_RECIPES
+    from qtune.data.templates import BASE, TEMPLATES
     from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
 
     for source in cfg.data.sources():
         inside(studio, source.path, "data.train", "data.train")
     if cfg.data.eval:
         inside(studio, cfg.data.eval, "data.eval", "data.eval")
-    if cfg.data.chat_template.endswith(".jinja"):
+    if cfg.data.chat_template not in (None, "", BASE, *TEMPLATES):  # a file (.jinja, .j2, .txt or any other)
         inside(studio, cfg.data.chat_template, "data.chat_template", "data.chat_template")
     if cfg.recipe not in BUILTIN_RECIPES:
         inside(studio, cfg.recipe, "recipe", "recipe")
     name = cfg.model.name
     if name in (EMBEDDED_ALIAS, ENCODER_ALIAS):
         return
-    if HUB_ID.match(name) and ".." not in name and not os.path.lexists(studio.project / name):
+    if HUB_ID.fullmatch(name) and ".." not in name and not os.path.lexists(studio.project / name):
         return  # a hub id: downloaded by `qtune train`
     if not inside(studio, name, "model.name", "model.name").is_dir():
         raise ApiError(
@@ -192,16 +193,20 @@ def check_paths(studio: Studio, cfg: Any) -> None:
 
 
 def routes(studio: Studio) -> list:
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    def config(config_id: str) -> dict[str, Any]:
+        cfg = load(resolve_config(studio, config_id))
+        return {"id": config_id, "values": form_values(cfg), "keys": form_keys()}
+
+    # (reading folders and parsing YAML: on the thread pool, never on the event loop)
     async def index(request):
-        return JSONResponse({"configs": list_configs(studio)})
+        return JSONResponse({"configs": await run_in_threadpool(list_configs, studio)})
 
     async def one(request):
-        config_id = request.path_params["id"]
-        cfg = load(resolve_config(studio, config_id))
-        return JSONResponse({"id": config_id, "values": form_values(cfg), "keys": form_keys()})
+        return JSONResponse(await run_in_threadpool(config, request.path_params["id"]))
 
     return [
         Route("/api/configs", api(index), methods=["GET"]),

@@ -31,14 +31,16 @@ def _arch(studio: Studio, model: Any) -> dict:
         raise ApiError(400, f"model: give one of {', '.join(BUILTIN)}", "model")
     key = model.strip().lower()
     if key not in BUILTIN and key not in ALIASES:
-        # Nothing is fetched from the hub here: a local folder with a config.json, or a 400.
+        # Nothing is fetched from the hub here: a local folder with a config.json (its resolved path, so that
+        # load_arch never takes the name for a hub id), or a 400.
         folder = inside(studio, model.strip(), "model", "model")
         if not (folder / "config.json").is_file():
             raise ApiError(
                 400, f"model: unknown model {model!r}; give one of {', '.join(BUILTIN)} or a model folder", "model"
             )
+        key = str(folder)
     try:
-        return load_arch(model.strip() if key not in BUILTIN and key not in ALIASES else key)
+        return load_arch(key)
     except PlanError as e:
         raise ApiError(400, f"model: {e}", "model") from None
 
@@ -97,6 +99,7 @@ def plan(studio: Studio, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def routes(studio: Studio) -> list:
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -106,7 +109,8 @@ def routes(studio: Studio) -> list:
         return JSONResponse({"models": list(BUILTIN)})
 
     async def post(request):
-        return JSONResponse(plan(studio, await read_json(request)))
+        body = await read_json(request)
+        return JSONResponse(await run_in_threadpool(plan, studio, body))  # reads a model folder, imports the planner
 
     return [
         Route("/api/plan/models", api(models), methods=["GET"]),
