@@ -254,7 +254,9 @@ STUDIO = _cases(
     [
         ("port-99999", ["--port", "99999"]),
         ("port-abc", ["--port", "abc"]),
-        ("host-open-without-token", ["--host", "0.0.0.0"]),
+        ("host-open-without-token", ["--no-token", "--host", "0.0.0.0"]),
+        ("token-and-no-token", ["--token", "x", "--no-token"]),
+        ("dir-in-an-unknown-home", ["--dir", "~nosuchuser/adapters"]),
         ("dir-outside-the-project", ["--dir", "/"]),
         ("dir-is-a-file", ["--dir", "<file>"]),
         ("base-missing", ["--base", "<missing>"]),
