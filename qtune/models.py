@@ -87,6 +87,20 @@ def ensure_embedded_model() -> Path:
     return target
 
 
+def is_hub_id(name: str) -> bool:
+    """Is `name` shaped as a hub model id, 'org/model' (dots allowed: 'meta-llama/Llama-3.1-8B'), not a path?"""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_base(model: ModelConfig | str) -> Path:
     """Return a local folder holding the base: the embedded model, a local folder, or a hub snapshot."""
     name = model if isinstance(model, str) else model.name
@@ -100,7 +114,9 @@ def resolve_base(model: ModelConfig | str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: {path} has no config.json; point it at a Hugging Face model folder")
         return path
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if path.exists():
+        raise ModelError(f"model.name: {path} is a file; point it at a Hugging Face model folder (with config.json)")
+    if not is_hub_id(name):
         raise ModelError(
             f"model.name: {name!r} is neither '{EMBEDDED_ALIAS}', '{ENCODER_ALIAS}', an existing folder, "
             "nor a hub id like 'org/model'"

@@ -223,6 +223,23 @@ def test_shipped_config_fits_its_tier(family_name, gb):
     assert "CHANGE THIS" in path.read_text()
 
 
+def test_every_shipped_base_is_fetched_from_the_hub_by_its_id(monkeypatch):
+    """Each shipped config's model.name reaches the hub as it is ('meta-llama/Llama-3.1-8B-Instruct' was once refused
+    for the dot in it, taken for a file suffix): the download is the first thing that fails here, offline."""
+    import huggingface_hub
+
+    from qtune.errors import ModelError
+    from qtune.models import resolve_base
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kw: asked.append(name) or 1 / 0)
+    names = sorted({load_config(ROOT / family.config_path(f, gb)).model.name for f, gb in SHIPPED})
+    for name in names:
+        with pytest.raises(ModelError, match="could not get"):
+            resolve_base(name)
+    assert asked == names and any("." in n for n in names)
+
+
 def test_shipped_configs_are_what_the_generator_writes_today():
     """A planner change that moves a shipped config fails here: run `python recipes/configs/make_family_configs.py`."""
     stale = [p for p, text in TEXTS.items() if not (ROOT / p).is_file() or (ROOT / p).read_text("utf-8") != text]

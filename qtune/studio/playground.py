@@ -13,7 +13,7 @@ from typing import Any
 
 from qtune.errors import USER_ERRORS, AdapterError
 from qtune.meta import CAUSAL_LM
-from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
+from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS, is_hub_id
 from qtune.studio.adapters import adapter_folders, kind_of, read_adapters
 from qtune.studio.common import ApiError, Studio, api, inside
 
@@ -30,10 +30,8 @@ def _reason(e: BaseException) -> str:
 
 def _hub_id(studio: Studio, name: str) -> bool:
     """Does qtune take `name` for a hub id (qtune.models.resolve_base's rule, with the project folder as the working
-    folder): shaped 'org/model' and no such folder. Anything else but an embedded alias is a local folder."""
-    if Path(name).suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        return False
-    return not (studio.project / name).is_dir()  # (a relative 'org/model' with no '~': no expanduser to do)
+    folder): shaped 'org/model' and nothing of that name there. Anything else but an embedded alias is local."""
+    return is_hub_id(name) and not (studio.project / name).exists()
 
 
 def choose_base(studio: Studio) -> str:
