@@ -318,6 +318,11 @@ def test_arrow_files_and_hub_dataset_ids(smollm2_tokenizer, tmp_path, monkeypatc
         load_examples("someone/chats:test", smollm2_tokenizer, DataConfig())
     with pytest.raises(DataError, match=r"data/typo\.jsonl: no such file or folder"):
         load_examples("data/typo.jsonl", smollm2_tokenizer, DataConfig())
+    # A dot in a dataset id is no file suffix (teknium/OpenHermes-2.5); a data file's suffix is.
+    with pytest.raises(DataError, match="someone/chats-2.5: no such file, and as a hub dataset"):
+        load_examples("someone/chats-2.5", smollm2_tokenizer, DataConfig())
+    with pytest.raises(DataError, match=r"someone/chats\.parquet: no such file or folder"):
+        load_examples("someone/chats.parquet", smollm2_tokenizer, DataConfig())
 
 
 def test_review_cases_tool_call_shapes_columns_and_broken_templates(smollm2_tokenizer, tmp_path):

@@ -232,7 +232,7 @@ def is_hub_dataset(spec: str | Path) -> bool:
         not Path(text).exists()
         and name.count("/") == 1
         and not text.startswith((".", "/", "~"))
-        and not Path(name).suffix
+        and Path(name).suffix not in (*READERS, ".arrow")  # `x/train.jsonl` is a missing file ('org/Data-2.5' an id)
         and not Path(name.split("/")[0]).is_dir()  # `data/typo` beside a ./data folder is a local typo
     )
 
