@@ -227,24 +227,9 @@ def delete_adapter(studio: Studio, name: str) -> None:
 def forget_run(studio: Studio, name: str) -> None:
     """After its adapter is deleted, the run of that name goes too (else the runs list shows it as failed): the
     studio's records of it and its checkpoint folder."""
-    try:
-        from qtune.studio.runs import forget  # lazily: runs.py imports this module's neighbours
-    except ImportError:  # TODO: drop this fallback once runs.forget lands
-        forget = _forget_records
+    from qtune.studio.runs import forget  # lazily: runs.py imports this module's neighbours
+
     forget(studio, name)
-
-
-def _forget_records(studio: Studio, name: str) -> None:
-    """What runs.forget removes: <dir>/.studio/<name>.json, .yaml, .log and <dir>/<name>.checkpoints (a link to a
-    folder elsewhere: the link only). The caller has checked that no run trains into it."""
-    for suffix in (".json", ".yaml", ".log"):
-        (studio.state_dir / f"{name}{suffix}").unlink(missing_ok=True)
-    checkpoints = studio.dir / f"{name}.checkpoints"
-    if checkpoints.is_symlink() or checkpoints.is_file():
-        checkpoints.unlink()
-    elif checkpoints.is_dir():
-        shutil.rmtree(checkpoints)
-    studio.processes.pop(name, None)  # an exited process: nothing trains into it
 
 
 # ---------------------------------------------------------------- routes
