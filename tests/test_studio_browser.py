@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
     reason="no chromium/chromedriver: `make browser` installs Debian's (apt-get install chromium chromium-driver)",
 )
 XSS = '<img src=x onerror="window.pwned=1">'
+OPEN: list = []  # the browser of this module, so that a timeout can say what error the page shows
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def browser():
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
     driver.implicitly_wait(0)
+    OPEN.append(driver)
     yield driver
+    OPEN.remove(driver)
     driver.quit()
 
 
@@ -55,8 +58,23 @@ def wait_for(condition, timeout: float = 60.0, what: str = "the page"):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{page_errors()}")
         time.sleep(0.2)
+
+
+def page_errors() -> str:
+    """The errors the page shows (a screen's banner, beside a field, under a run), to say why a wait timed out."""
+    from selenium.webdriver.common.by import By
+
+    shown = []
+    for driver in OPEN:
+        try:
+            for node in driver.find_elements(By.CSS_SELECTOR, ".banner-error, .field-error, .error-line"):
+                if node.is_displayed() and node.text.strip():
+                    shown.append(node.text.strip())
+        except Exception:  # noqa: BLE001 - the page is gone or changing: the timeout says enough
+            pass
+    return f"; the page shows: {' | '.join(shown)}" if shown else ""
 
 
 def css(driver, selector: str):
@@ -144,7 +162,8 @@ def test_start_a_run_watch_its_loss_curve_grow_and_see_it_finish(browser, studio
     error = wait_for(
         lambda: css(browser, '.field-error[data-field="train.lr"]').text.strip(), what="the error beside train.lr"
     )
-    assert "train.lr" in error or "abc" in error
+    assert "train.lr" in error and "'abc'" in error  # names the key and the value it refused
+    assert "has-error" in css(browser, '#run-form [name="train.lr"]').get_attribute("class").split()
     assert not (studio["studio"].dir / ".studio" / "browser-run.yaml").exists()  # refused before anything ran
 
     set_field(browser, "train.lr", "0.01")
@@ -195,6 +214,7 @@ def test_stop_a_run_then_resume_it_to_the_end(browser, studio):
     )
     css(browser, "#run-stop").click()  # (not to the end: the next tests need the machine)
     wait_for(lambda: run_state(browser, "stopped-run") == "interrupted", timeout=90, what="the second stop")
+    assert not console_errors(browser)
 
 
 def test_the_finished_adapter_its_samples_as_text_and_a_push_preview(browser, studio):
@@ -216,7 +236,9 @@ def test_the_finished_adapter_its_samples_as_text_and_a_push_preview(browser, st
     css(browser, "#push-repo").send_keys("alice/browser-run")
     css(browser, "#push-go").click()
     card = wait_for(lambda: css(browser, "#push-card").text.strip(), what="the model card preview")
-    assert "alice/browser-run" in card or "tiny-model" in card
+    # the card names the repo it would be pushed to and the base it was trained on (a local folder: by its name)
+    assert "alice/browser-run" in card
+    assert "`tiny-model`" in card
     assert "adapter_model.safetensors" in css(browser, "#push-files").text
     shot(browser, "adapters")
     assert not console_errors(browser)
@@ -233,38 +255,99 @@ def test_the_playground_streams_the_base_and_the_adapter_side_by_side(browser, s
         box = css(browser, f"#pg-models input[value='{model}']")
         if not box.is_selected():
             box.click()
-    css(browser, "#pg-prompt").send_keys("Is this movie review positive or negative? " + XSS)
+    # The page's own markup has no img, script or iframe in the playground: any found after Send was made from the
+    # prompt or an answer. (window.pwned alone proves little: the CSP would block the onerror handler anyway.)
+    made = "return document.querySelectorAll('#screen-playground :is(img, script, iframe, svg, a)').length"
+    assert browser.execute_script(made) == 0
+    # What the page sends: a wrapper around fetch records each request body (the page's fetch still answers).
+    browser.execute_script(
+        "window.sent = []; const f = window.fetch;"
+        "window.fetch = (url, init) => { window.sent.push([String(url), init && init.body]); return f(url, init); };"
+    )
+    prompt = "Is this movie review positive or negative? " + XSS
+    css(browser, "#pg-prompt").send_keys(prompt)
     css(browser, "#pg-send").click()
     for model in ("base", "browser-run"):
         wait_for(
             lambda m=model: css(browser, f'.pg-answer[data-model="{m}"]').get_attribute("data-done") == "true",
             what=f"{model}'s answer to finish streaming",
         )
-        assert css(browser, f'.pg-answer[data-model="{model}"] .pg-text').text.strip()
+        answer = css(browser, f'.pg-answer[data-model="{model}"]')
+        assert not all_css(answer, ".error-line"), answer.text
+        assert css(answer, ".pg-text").text.strip()
+        # the streamed answer is text nodes only, whatever the model wrote
+        assert browser.execute_script("return arguments[0].querySelector('.pg-text').childElementCount", answer) == 0
+    assert css(browser, "#pg-prompt").get_attribute("value") == prompt  # the textarea keeps it as typed
+    sent = browser.execute_script("return window.sent")
+    chats = {json.loads(body)["model"]: json.loads(body) for url, body in sent if url == "/v1/chat/completions"}
+    assert set(chats) == {"base", "browser-run"}
+    for body in chats.values():
+        assert body["messages"] == [{"role": "user", "content": prompt}]  # the prompt reaches the model as typed
+    assert browser.execute_script(made) == 0
     assert browser.execute_script("return window.pwned") is None
     shot(browser, "playground")
     assert not console_errors(browser)
 
 
-def test_plan_a_7b_run_on_an_8gb_card(browser, studio):
+def fill_plan(driver, seq: str, checkpointing: str, vram: str = "8GB") -> None:
     from selenium.webdriver.support.ui import Select
 
+    Select(css(driver, "#plan-model")).select_by_value("llama-3.1-8b")
+    for selector, value in (("#plan-vram", vram), ("#plan-seq", seq)):
+        css(driver, selector).clear()
+        css(driver, selector).send_keys(value)
+    Select(css(driver, "#plan-checkpointing")).select_by_value(checkpointing)
+
+
+def test_plan_a_7b_run_on_an_8gb_card(browser, studio):
+    """An 8B at 8 GB: at seq 2048 without gradient checkpointing it does not fit (the planner says ~23 GiB); with
+    checkpointing at seq 512 it fits. The page shows the planner's own numbers: the total, the longest sequence,
+    one bar segment per part."""
+    from qtune.studio.plan import plan
+
+    def expect(seq: int, checkpointing: str) -> dict:
+        body = {"model": "llama-3.1-8b", "vram": "8GB", "seq": seq, "lora_r": 16, "quant": "nf4", "batch": 1}
+        return plan(studio["studio"], {**body, "gradient_checkpointing": checkpointing})
+
+    def verdict_after(previous: str | None) -> str:
+        css(browser, "#plan-go").click()
+        return wait_for(
+            lambda: (v := css(browser, "#plan-verdict").text.strip()) and v != previous and v, what="the new verdict"
+        )
+
+    big, small = expect(2048, "off"), expect(512, "on")
+    assert big["fits"] is False and small["fits"] is True  # the planner's verdicts this test is written around
     browser.get(studio["url"] + "/#plan")
     wait_for(lambda: all_css(browser, "#plan-model option[value='llama-3.1-8b']"), what="the model list")
-    Select(css(browser, "#plan-model")).select_by_value("llama-3.1-8b")
-    for selector, value in (("#plan-vram", "8GB"), ("#plan-seq", "2048")):
-        css(browser, selector).clear()
-        css(browser, selector).send_keys(value)
-    css(browser, "#plan-go").click()
-    verdict = wait_for(lambda: css(browser, "#plan-verdict").text.strip(), what="the verdict")
-    assert verdict in ("fits", "does not fit")
-    assert any(ch.isdigit() for ch in css(browser, "#plan-longest").text)
-    assert len(all_css(browser, "#plan-bar .plan-part")) >= 3 and all_css(browser, "#plan-bar .plan-vram")
+    assert css(browser, "#plan-model").get_attribute("value") == "llama-3.1-8b"  # the page's default choice
+
+    fill_plan(browser, "2048", "off")
+    assert verdict_after(None) == "does not fit"
+    assert "nofit" in css(browser, "#plan-verdict").get_attribute("class").split()
+    assert "over" in css(browser, "#plan-bar").get_attribute("class").split()
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731 - as the page writes sizes
+    assert css(browser, "#plan-total").text.strip() == f"{gib(big['total_bytes'])} of {gib(big['vram_bytes'])}"
+    assert f"longest sequence that fits: {big['longest_seq']:,} tokens" in css(browser, "#plan-longest").text
+    assert len(all_css(browser, "#plan-bar .plan-part")) == len(big["parts"])
+    assert css(browser, "#plan-bar .plan-vram").is_displayed()
+    assert css(browser, "#plan-text").get_attribute("textContent") == big["text"]
     shot(browser, "plan")
+
+    fill_plan(browser, "512", "on")
+    assert verdict_after("does not fit") == "fits"
+    assert "fits" in css(browser, "#plan-verdict").get_attribute("class").split()
+    assert "over" not in css(browser, "#plan-bar").get_attribute("class").split()
+    assert css(browser, "#plan-total").text.strip() == f"{gib(small['total_bytes'])} of {gib(small['vram_bytes'])}"
+    assert len(all_css(browser, "#plan-bar .plan-part")) == len(small["parts"])  # redrawn, not appended to
+    shot(browser, "plan-fits")
+
     css(browser, "#plan-vram").clear()
     css(browser, "#plan-vram").send_keys("lots")
     css(browser, "#plan-go").click()
-    assert wait_for(lambda: css(browser, '#screen-plan .field-error[data-field="vram"]').text.strip(), what="error")
+    error = wait_for(lambda: css(browser, '#screen-plan .field-error[data-field="vram"]').text.strip(), what="error")
+    assert "vram" in error and "lots" in error
+    assert "has-error" in css(browser, "#plan-vram").get_attribute("class").split()
+    assert css(browser, "#plan-verdict").text.strip() == "fits"  # the last good plan stays
     assert not console_errors(browser)
 
 
@@ -366,6 +449,7 @@ def test_smollm2_from_the_shipped_config_to_the_playground(browser, smollm2_stud
     Select(css(browser, "#plan-model")).select_by_value("llama-3.1-8b")
     Select(css(browser, "#plan-checkpointing")).select_by_value("on")
     css(browser, "#plan-go").click()
-    wait_for(lambda: css(browser, "#plan-verdict").text.strip(), what="the verdict")
+    # the page's defaults (12GB, seq 2048) with checkpointing on: about 9.7 GiB, so it fits
+    assert wait_for(lambda: css(browser, "#plan-verdict").text.strip(), what="the verdict") == "fits"
     shot(browser, "smollm2-plan")
     assert not console_errors(browser)
