@@ -110,6 +110,16 @@ def set_field(driver, key: str, value: str) -> None:
     field.send_keys(value)
 
 
+def open_form(driver, url: str, config: str) -> None:
+    """Open the Runs screen and choose `config` in the new-run form; wait for its fields."""
+    from selenium.webdriver.support.ui import Select
+
+    driver.get(url + "/#runs")
+    wait_for(lambda: all_css(driver, f"#run-config option[value='{config}']"), what="the config list")
+    Select(css(driver, "#run-config")).select_by_value(config)
+    wait_for(lambda: css(driver, '#run-form [name="output.name"]'), what="the form of the config")
+
+
 def run_state(driver, name: str) -> str:
     return css(driver, f'#runs-list .run[data-name="{name}"] .run-state').text.strip()
 
@@ -150,12 +160,7 @@ def studio(tmp_path_factory, chatml_tokenizer):
 
 
 def test_start_a_run_watch_its_loss_curve_grow_and_see_it_finish(browser, studio):
-    browser.get(studio["url"] + "/#runs")
-    wait_for(lambda: all_css(browser, "#run-config option[value='project:configs/tiny.yaml']"), what="the config list")
-    from selenium.webdriver.support.ui import Select
-
-    Select(css(browser, "#run-config")).select_by_value("project:configs/tiny.yaml")
-    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form of the config")
+    open_form(browser, studio["url"], "project:configs/tiny.yaml")
     set_field(browser, "output.name", "browser-run")
     set_field(browser, "train.lr", "abc")
     css(browser, "#run-start").click()
@@ -186,13 +191,8 @@ def test_start_a_run_watch_its_loss_curve_grow_and_see_it_finish(browser, studio
     assert not console_errors(browser)
 
 
-def test_stop_a_run_then_resume_it_to_the_end(browser, studio):
-    from selenium.webdriver.support.ui import Select
-
-    browser.get(studio["url"] + "/#runs")
-    wait_for(lambda: all_css(browser, "#run-config option[value='project:configs/tiny.yaml']"), what="the config list")
-    Select(css(browser, "#run-config")).select_by_value("project:configs/tiny.yaml")
-    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form")
+def test_stop_a_run_then_resume_it(browser, studio):
+    open_form(browser, studio["url"], "project:configs/tiny.yaml")
     set_field(browser, "output.name", "stopped-run")
     set_field(browser, "train.max_steps", "100000")
     set_field(browser, "train.save_every", "50")
@@ -356,7 +356,7 @@ def test_plan_a_7b_run_on_an_8gb_card(browser, studio):
 
 @pytest.fixture(scope="module")
 def smollm2_studio(tmp_path_factory):
-    """A project with the VADER movie data (train, and 24 held-out rows) and the studio serving it: the shipped
+    """A project with VADER movie data (400 training and 24 held-out reviews) and the studio serving it: the shipped
     smollm2_sentiment config runs as it is but for the form's values."""
     from qtune.serve.app import ServerThread
     from qtune.studio.app import create_studio_app
@@ -367,9 +367,10 @@ def smollm2_studio(tmp_path_factory):
         pytest.skip("no VADER data: `make data` prepares it")
     project = tmp_path_factory.mktemp("smollm2-project").resolve()
     (project / "data" / "vader_movies").mkdir(parents=True)
-    shutil.copyfile(source / "train.jsonl", project / "data" / "vader_movies" / "train.jsonl")
-    held_out = (source / "test.jsonl").read_text().splitlines(keepends=True)[:24]
-    (project / "data" / "vader_movies" / "test.jsonl").write_text("".join(held_out))
+    # The first 400 training reviews (tokenizing all 9,672 takes longer than the 6 steps) and 24 held-out ones.
+    for name, rows in (("train.jsonl", 400), ("test.jsonl", 24)):
+        head = (source / name).read_text().splitlines(keepends=True)[:rows]
+        (project / "data" / "vader_movies" / name).write_text("".join(head))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QTUNE_HOME", str(tmp_path_factory.mktemp("qtune-home")))
         mp.chdir(project)
@@ -384,18 +385,14 @@ def test_smollm2_from_the_shipped_config_to_the_playground(browser, smollm2_stud
     from selenium.webdriver.support.ui import Select
 
     url, name = smollm2_studio["url"], "smollm2-studio"
-    browser.get(url + "/#runs")
-    config = "shipped:smollm2_sentiment.yaml"
-    wait_for(lambda: all_css(browser, f"#run-config option[value='{config}']"), what="the shipped configs")
-    Select(css(browser, "#run-config")).select_by_value(config)
-    wait_for(lambda: css(browser, '#run-form [name="output.name"]'), what="the form")
-    # fp32 compute: bf16 matmuls are slow on a CPU; a few steps, the held-out loss every 4.
-    for key, value in [("output.name", name), ("model.dtype", "fp32"), ("train.max_steps", "8")]:
+    open_form(browser, url, "shipped:smollm2_sentiment.yaml")
+    # fp32 compute: bf16 matmuls are slow on a CPU; a few steps, the held-out loss every 3.
+    for key, value in [("output.name", name), ("model.dtype", "fp32"), ("train.max_steps", "6")]:
         if key == "model.dtype":
             Select(css(browser, f'#run-form [name="{key}"]')).select_by_value(value)
         else:
             set_field(browser, key, value)
-    for key, value in [("train.batch_size", "4"), ("train.eval_every", "4"), ("train.save_every", "4")]:
+    for key, value in [("train.batch_size", "4"), ("train.eval_every", "3"), ("train.save_every", "3")]:
         set_field(browser, key, value)
     css(browser, "#run-start").click()
     wait_for(lambda: all_css(browser, f'#runs-list .run[data-name="{name}"]'), what="the run in the list")
