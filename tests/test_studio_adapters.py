@@ -246,11 +246,34 @@ def test_export_jobs_write_a_peft_folder_and_a_gguf_lora_file(server, project):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project["base"]), str(peft_dir))
 
 
-def test_export_failure_names_the_error(server):
-    url, _ = server
-    _, body = call(f"{url}/api/adapters/cls/export", "POST", {"format": "gguf-lora"})
-    job = wait(lambda: (r := call(f"{url}/api/jobs/{body['job']}")[1])["state"] != "running" and r)
-    assert job["state"] == "failed" and job["out"] is None and job["error"]
+def test_a_classifier_is_not_exported_and_a_failed_export_names_the_error(server):
+    url, studio = server
+    status, body = call(f"{url}/api/adapters/cls/export", "POST", {"format": "gguf-lora"})
+    assert status == 400 and body["error"]["field"] == "format" and "classification adapter" in body["error"]["message"]
+    # An exports folder that is a file: a 409 saying so, not a 500.
+    exports = studio.dir / "exports"
+    moved = exports.rename(studio.dir.parent / "exports-aside") if exports.exists() else None
+    exports.write_text("not a folder")
+    try:
+        status, body = call(f"{url}/api/adapters/chat/export", "POST", {"format": "gguf-lora"})
+        assert status == 409 and "exports: cannot hold exports" in body["error"]["message"]
+    finally:
+        exports.unlink()
+        if moved:
+            moved.rename(exports)
+    # A job that fails once started (the adapter's weights are truncated) says why.
+    broken = studio.dir / "truncated"
+    shutil.copytree(studio.dir / "chat", broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    try:
+        status, body = call(f"{url}/api/adapters/truncated/export", "POST", {"format": "peft"})
+        assert status == 202, body
+        job = wait(lambda: (r := call(f"{url}/api/jobs/{body['job']}")[1])["state"] != "running" and r)
+        assert job["state"] == "failed" and job["out"] is None and "adapter_model.safetensors" in job["error"]
+    finally:
+        shutil.rmtree(broken)
+        shutil.rmtree(studio.dir / "exports" / "truncated-peft", ignore_errors=True)
 
 
 def test_push_preview_shows_the_card_and_files_offline(server, project):
@@ -406,11 +429,10 @@ def test_at_most_two_exports_run_at_once(server, tmp_path):
     ]
     studio.jobs.update({j.id: j for j in running})
     try:
-        status, body = call(f"{url}/api/adapters/cls/export", "POST", {"format": "peft"})
+        status, body = call(f"{url}/api/adapters/chat/export", "POST", {"format": "gguf", "type": "f16"})
         assert status == 409
         assert "2 exports are running" in body["error"]["message"]
         assert "job0" in body["error"]["message"] and "job1" in body["error"]["message"]
-        assert not (studio.dir / "exports" / "cls-peft").exists()
     finally:
         for j in running:
             j.process.kill()

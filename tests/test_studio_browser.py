@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
     reason="no chromium/chromedriver: `make browser` installs Debian's (apt-get install chromium chromium-driver)",
 )
 XSS = '<img src=x onerror="window.pwned=1">'
+LABELLED = [("the movie was great", "pos"), ("a dull boring film", "neg"), ("wonderful acting", "pos")] * 4
 OPEN: list = []  # the browser of this module, so that a timeout can say what error the page shows
 
 
@@ -150,6 +151,15 @@ def studio(tmp_path_factory, chatml_tokenizer):
         "train": {"max_steps": 400, "batch_size": 4, "logging_steps": 1, "save_every": 100, "eval_every": 100},
     }
     (project / "configs" / "tiny.yaml").write_text("# a tiny run for the browser tests\n" + yaml.safe_dump(config))
+    labelled = [{"text": t, "label": label} for t, label in LABELLED]
+    write_jsonl(project / "labels.jsonl", labelled)
+    classifier = {
+        "recipe": "classify",
+        **{k: config[k] for k in ("model", "quant", "lora")},
+        "data": {"train": "labels.jsonl", "eval": "labels.jsonl"},
+        "train": {"max_steps": 20, "batch_size": 4, "lr": 0.01, "save_every": 10},
+    }
+    (project / "configs" / "tiny_cls.yaml").write_text("# a tiny classifier\n" + yaml.safe_dump(classifier))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QTUNE_HOME", str(project / ".qtune-home"))
         mp.chdir(project)  # `qtune studio` is started in the project folder: relative paths are the project's
@@ -286,6 +296,52 @@ def test_the_playground_streams_the_base_and_the_adapter_side_by_side(browser, s
     assert browser.execute_script(made) == 0
     assert browser.execute_script("return window.pwned") is None
     shot(browser, "playground")
+    assert not console_errors(browser)
+
+
+def test_a_classifier_from_the_page_its_confusion_matrix_an_export_and_its_probabilities(browser, studio):
+    open_form(browser, studio["url"], "project:configs/tiny_cls.yaml")
+    set_field(browser, "output.name", "cls-run")
+    css(browser, "#run-start").click()
+    wait_for(lambda: run_state(browser, "cls-run") == "finished", timeout=180, what="the classifier's run to finish")
+
+    browser.get(studio["url"] + "/#adapters")
+    wait_for(lambda: all_css(browser, '#adapters-list .adapter[data-name="cls-run"]'), what="the classifier")
+    css(browser, '#adapters-list .adapter[data-name="cls-run"]').click()
+    rows = wait_for(lambda: all_css(browser, "#adapter-confusion tbody tr"), what="the confusion matrix")
+    assert len(rows) == 2 and {"neg", "pos"} <= set(css(browser, "#adapter-confusion").text.split())
+    # The matrix counts every held-out text once.
+    counts = [int(c.text) for c in all_css(browser, "#adapter-confusion tbody td") if c.text.strip().isdigit()]
+    assert sum(counts) == len(LABELLED)
+    shot(browser, "adapters-classifier")
+    css(browser, "#export-go").click()  # refused at once: export takes causal-LM adapters
+    refused = wait_for(lambda: css(browser, '.field-error[data-field="format"]').text, what="the export refused")
+    assert "classification adapter" in refused and not (studio["studio"].dir / "exports").exists()
+
+    browser.execute_script("window.scrollTo(0, 0)")  # (the list's top is under the sticky header otherwise)
+    css(browser, '#adapters-list .adapter[data-name="browser-run"]').click()
+    wait_for(lambda: "browser-run" in css(browser, "#adapter-name").text, what="the causal-LM adapter")
+    css(browser, "#export-go").click()  # peft, the default format
+    wait_for(lambda: css(browser, "#export-state").text.strip() == "done", what="the export job to finish")
+    assert "browser-run-peft" in css(browser, "#export-out").text
+    assert (studio["studio"].dir / "exports" / "browser-run-peft" / "adapter_config.json").is_file()
+
+    browser.get(studio["url"] + "/#playground")
+    wait_for(lambda: css(browser, "#pg-state").text.strip() == "ready", what="the loaded playground")
+    css(browser, "#pg-load").click()  # "Reload adapters": registers the classifier trained since
+    wait_for(lambda: all_css(browser, "#pg-models input[value='cls-run']"), what="the classifier in the playground")
+    box = css(browser, "#pg-models input[value='cls-run']")
+    if not box.is_selected():
+        box.click()
+    css(browser, "#pg-prompt").clear()
+    css(browser, "#pg-prompt").send_keys("the movie was great")
+    css(browser, "#pg-send").click()
+    answer = '.pg-answer[data-model="cls-run"]'
+    wait_for(lambda: css(browser, answer).get_attribute("data-done") == "true", what="the classifier's answer")
+    probs = all_css(browser, f"{answer} .pg-prob")
+    assert {p.get_attribute("data-label") for p in probs} == {"neg", "pos"}
+    assert all(any(ch.isdigit() for ch in p.text) for p in probs)
+    shot(browser, "playground-classifier")
     assert not console_errors(browser)
 
 

@@ -118,7 +118,7 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], AdapterMeta | None]:
         "base": base if isinstance(base, str) and base else cfg.model.name,
         "method": _method(vars(cfg.lora), cfg.quant.method, cfg.model.dtype),
         "data": _data_name(train_report, _dict(_dict(raw.get("config")).get("data")).get("train")),
-        "examples": train_report.get("examples"),
+        "examples": train_report.get("examples", train_report.get("records")),  # (a classifier reports records)
         "steps": _dict(raw.get("training")).get("steps"),
         "metrics": _numbers(_dict(meta.metrics)),
         "created": created,

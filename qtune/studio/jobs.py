@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qtune.meta import CLASSIFIER, AdapterMeta
 from qtune.studio.common import ApiError, Studio, api, error_line, read_json, spawn, tail
 
 EXPORTS = "exports"  # <dir>/exports/<name>-<format>[-<type>]: what the export jobs write
@@ -46,6 +47,14 @@ def export_path(studio: Studio, name: str, fmt: str, qtype: str = "f16") -> Path
     return studio.dir / EXPORTS / (f"{name}-{fmt}" + (".gguf" if fmt == "gguf-lora" else ""))
 
 
+def _kind(path: Path) -> str | None:
+    """The kind qtune.json records (None for a plain PEFT folder, or one the adapter list shows as skipped)."""
+    try:
+        return AdapterMeta.read(path).kind
+    except Exception:  # noqa: BLE001 - unreadable here: `qtune export` says why, in its job's log
+        return None
+
+
 def start_export(studio: Studio, path: Path, body: dict[str, Any]) -> Job:
     """Check the request, then start `qtune export` of the adapter folder `path` into <dir>/exports/ (a 400 names
     the field; a 409: the output exists, or MAX_EXPORTS exports are running)."""
@@ -55,16 +64,28 @@ def start_export(studio: Studio, path: Path, body: dict[str, Any]) -> Job:
         raise ApiError(400, f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", "format")
     if qtype not in GGUF_TYPES:
         raise ApiError(400, f"type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}", "type")
-    out = export_path(studio, name, fmt, qtype)
-    if out.exists() or out.is_symlink():
-        raise ApiError(409, f"{studio.relative(out)} exists: delete it first to export again", "format")
+    if _kind(path) == CLASSIFIER:  # (qtune export refuses it too, but only once its job has started)
+        raise ApiError(
+            400,
+            f"{name} is a classification adapter: merge and export take causal-LM adapters; serve it with "
+            "qtune serve, or share it with qtune push",
+            "format",
+        )
     running = [j for j in studio.jobs.values() if j.state() == "running"]
-    if any(j.out == out for j in running):
-        raise ApiError(409, f"an export into {studio.relative(out)} is already running", "format")
     if len(running) >= MAX_EXPORTS:
         names = ", ".join(f"{j.adapter} ({j.format}, job {j.id})" for j in running)
         raise ApiError(409, f"{len(running)} exports are running ({names}): wait for one to end")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = export_path(studio, name, fmt, qtype)
+    if any(j.out == out for j in running):
+        raise ApiError(409, f"an export into {studio.relative(out)} is already running", "format")
+    if out.exists() or out.is_symlink():
+        raise ApiError(409, f"{studio.relative(out)} exists: delete it first to export again", "format")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ApiError(
+            409, f"{studio.relative(out.parent)}: cannot hold exports ({e.strerror}); fix or remove it"
+        ) from None
     job_id = secrets.token_hex(6)
     log = studio.state_dir / "jobs" / f"{job_id}.log"
     argv = ["export", str(path), str(out), "--format", fmt] + (["--type", qtype] if fmt == "gguf" else [])
