@@ -84,36 +84,12 @@ def describe(studio: Studio, name: str) -> dict[str, Any] | None:
     else:
         state = "failed"
 
-    error = None
-    if state == "failed":
-        if stopped:
-            error = "stopped before its first checkpoint"
-        elif code not in (None, 0):
-            error = records.log_error(studio, name) or f"exited with code {code}"
-        else:
-            error = "ended before its first checkpoint"
-    elif state not in ACTIVE and code not in (None, *CLEAN_EXITS) and not stopped:
-        # a crash after a checkpoint: interrupted (resumable), but the page says why
-        error = records.log_error(studio, name) or f"exited with code {code}"
-
+    error = _error(studio, name, state, code, stopped)
     training = (meta or {}).get("training")
     training = training if isinstance(training, dict) else {}
     from_meta = state == "finished" or not progress.begin
-    now = time.time()
-    began, updated = records.number(progress.started), records.number(progress.updated)
-    if state in ACTIVE:
-        since = launched.started if launched else began or records.number((record or {}).get("started"))
-        elapsed = now - since if since else None
-    elif from_meta:
-        elapsed = records.number(training.get("seconds"))
-    else:
-        elapsed = updated - began if updated is not None and began is not None else None
-    eta = None
-    if state == "running" and began is not None and updated is not None:
-        try:
-            eta = records.number(progress.eta_seconds(now))
-        except (TypeError, ValueError):  # a max_steps of the wrong type
-            eta = None
+    elapsed, eta = _timing(state, progress, launched, record, training if from_meta else None)
+    updated = records.number(progress.updated)
     return {
         "name": name,
         "state": state,
@@ -137,6 +113,41 @@ def describe(studio: Studio, name: str) -> dict[str, Any] | None:
         ),
         "_progress": progress,
     }
+
+
+def _error(studio: Studio, name: str, state: str, code: int | None, stopped: bool) -> str | None:
+    """Why a run ended badly, for the page: before its first checkpoint (failed), or a crash after one."""
+    if state == "failed":
+        if stopped:
+            return "stopped before its first checkpoint"
+        if code not in (None, 0):
+            return records.log_error(studio, name) or f"exited with code {code}"
+        return "ended before its first checkpoint"
+    if state not in ACTIVE and code not in (None, *CLEAN_EXITS) and not stopped:
+        # a crash after a checkpoint: interrupted (resumable), but the page says why
+        return records.log_error(studio, name) or f"exited with code {code}"
+    return None
+
+
+def _timing(state: str, progress, launched, record, training: dict | None) -> tuple[float | None, float | None]:
+    """(seconds elapsed, seconds left) of a run: while active, since it was launched or began; when finished, the
+    training time its qtune.json records (`training`); otherwise the span of its progress file."""
+    now = time.time()
+    began, updated = records.number(progress.started), records.number(progress.updated)
+    if state in ACTIVE:
+        since = launched.started if launched else began or records.number((record or {}).get("started"))
+        elapsed = now - since if since else None
+    elif training is not None:
+        elapsed = records.number(training.get("seconds"))
+    else:
+        elapsed = updated - began if updated is not None and began is not None else None
+    eta = None
+    if state == "running" and began is not None and updated is not None:
+        try:
+            eta = records.number(progress.eta_seconds(now))
+        except (TypeError, ValueError):  # a max_steps of the wrong type
+            eta = None
+    return elapsed, eta
 
 
 def _mtime(path) -> float:
