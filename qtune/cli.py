@@ -19,7 +19,6 @@ from pathlib import Path
 from qtune import BUILTIN_RECIPES, DISTRIBUTION, recipes_package
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent  # the repo, when qtune runs from its source uninstalled
-_recipes = recipes_package  # (the library owns where the recipes are: qtune.recipes_package)
 TRUST_CODE = "run model code shipped with the base (never taken from the adapter's qtune.json)"
 ADAPTER_ARG = "adapter folder (adapters/NAME) or hub id (owner/name[@revision])"
 IGNORE_MISMATCH = "load even if the base differs from the one the adapter was trained on (deliberate cases only)"
@@ -40,7 +39,7 @@ def _version() -> str:
 def _recipe_main(recipe: str):
     """The `main(cfg)` of a built-in recipe name or of a user's recipe file."""
     if recipe in BUILTIN_RECIPES:
-        return importlib.import_module(f"{_recipes()[0]}.{recipe}").main
+        return importlib.import_module(f"{recipes_package()[0]}.{recipe}").main
     path = Path(recipe)
     if path.suffix != ".py" or not path.is_file():
         raise SystemExit(
@@ -75,7 +74,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_cp(args) -> None:
-    name, recipes = args.name, _recipes()[1]
+    name, recipes = args.name, recipes_package()[1]
     candidates = [
         recipes / f"{name}.py",
         recipes / name,
@@ -107,7 +106,7 @@ def cmd_ls(args) -> None:
     from qtune import models
     from qtune.plan import BUILTIN
 
-    recipes = _recipes()[1]
+    recipes = recipes_package()[1]
     print("recipes (a config's `recipe:`; `qtune cp NAME my_NAME.py` to edit one):")
     for name in BUILTIN_RECIPES:
         doc = ast.get_docstring(ast.parse((recipes / f"{name}.py").read_text(encoding="utf-8")))

@@ -384,8 +384,8 @@ def test_pyproject_installs_every_package_and_recipes_under_qtune():
 
 
 def test_the_built_in_recipes_load_as_qtune_recipes():
-    from qtune import cli
+    from qtune import cli, recipes_package
 
-    package, folder = cli._recipes()
+    package, folder = recipes_package()
     assert package == "qtune.recipes" and folder.resolve() == (REPO / "recipes").resolve()
     assert cli._recipe_main("sft").__module__ == "qtune.recipes.sft"

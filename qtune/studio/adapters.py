@@ -16,10 +16,8 @@ from typing import Any
 from qtune.errors import USER_ERRORS, AdapterError
 from qtune.meta import ADAPTER_CONFIG, CLASSIFIER, META_FILE, AdapterMeta, read_adapter_config
 from qtune.studio import jobs
-from qtune.studio.common import ApiError, Studio, api, check_name, inside
-from qtune.studio.jobs import EXPORTS
+from qtune.studio.common import RESERVED_NAMES, RESERVED_SUFFIXES, ApiError, Studio, api, check_name, inside
 
-HIDDEN_SUFFIXES = (".checkpoints", ".runs", ".hub")  # a run's checkpoints, TensorBoard logs, a push dry run
 UNREADABLE = (*USER_ERRORS, OSError, ValueError, TypeError, AttributeError)  # an adapter the list skips
 
 
@@ -35,7 +33,7 @@ def adapter_folders(studio: Studio) -> list[Path]:
     found = []
     for path in sorted(studio.dir.iterdir()):
         name = path.name
-        if name.startswith(".") or name == EXPORTS or name.endswith(HIDDEN_SUFFIXES) or not path.is_dir():
+        if name.startswith(".") or name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES) or not path.is_dir():
             continue
         if (path / META_FILE).is_file() or (path / ADAPTER_CONFIG).is_file():
             found.append(path)

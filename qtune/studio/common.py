@@ -16,8 +16,10 @@ from qtune.errors import USER_ERRORS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_BODY = 1 << 20  # the studio's forms are small: 1 MiB is plenty
 STATE_DIR = ".studio"  # <dir>/.studio/: what the studio launched (configs, logs, records)
-# Folders kept beside the runs in <dir>: no run may be called so (docs/studio.md, Names).
-RESERVED_NAMES = ("exports", STATE_DIR)
+EXPORTS = "exports"  # <dir>/exports/<name>-<format>[-<type>]: what the export jobs write
+# Folders kept beside the runs in <dir>: no run may be called so (docs/studio.md, Names), and no adapter is listed
+# from them (a run's checkpoints, its TensorBoard logs, a push dry run).
+RESERVED_NAMES = (EXPORTS, STATE_DIR)
 RESERVED_SUFFIXES = (".checkpoints", ".runs", ".hub")
 
 
@@ -99,24 +101,14 @@ def inside(studio: Studio, path: Any, what: str, field: str | None = None) -> Pa
 
 
 async def read_json(request) -> dict[str, Any]:
-    """The request's JSON object (at most MAX_BODY bytes), or a 400/413 saying what is wrong with it."""
-    import json
+    """The request's JSON object (at most MAX_BODY bytes; an empty body is {}), or a 400/413 saying what is wrong."""
+    from qtune.serve.openai_api import RequestError, parse_json, read_body
 
-    from qtune.serve.openai_api import RequestError, read_body
-
-    try:
+    try:  # (the checks of `qtune serve`: size, JSON, an object, no lone surrogate)
         raw = await read_body(request, MAX_BODY)
+        return parse_json(raw) if raw else {}
     except RequestError as e:
-        raise ApiError(e.status, e.message) from None
-    if not raw:
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
+        raise ApiError(e.status, e.message, e.param) from None
 
 
 def api(handler):

@@ -30,7 +30,6 @@ FORM_KEYS = (
     "train.save_every",
 )
 SUFFIXES = (".yaml", ".yml")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def shipped_folder() -> Path:
@@ -168,7 +167,7 @@ def check_paths(studio: Studio, cfg: Any) -> None:
     """Every file the run would read is inside the project: data, a local base, a chat template file, a recipe."""
     from qtune import BUILTIN_RECIPES
     from qtune.data.templates import BASE, TEMPLATES
-    from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS
+    from qtune.models import EMBEDDED_ALIAS, ENCODER_ALIAS, is_hub_id
 
     for source in cfg.data.sources():
         inside(studio, source.path, "data.train", "data.train")
@@ -181,8 +180,8 @@ def check_paths(studio: Studio, cfg: Any) -> None:
     name = cfg.model.name
     if name in (EMBEDDED_ALIAS, ENCODER_ALIAS):
         return
-    if HUB_ID.fullmatch(name) and ".." not in name and not os.path.lexists(studio.project / name):
-        return  # a hub id: downloaded by `qtune train`
+    if is_hub_id(name) and not os.path.lexists(studio.project / name):
+        return  # a hub id (qtune train's rule): downloaded by `qtune train`
     if not inside(studio, name, "model.name", "model.name").is_dir():
         raise ApiError(
             400,

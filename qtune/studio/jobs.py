@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from qtune.meta import CLASSIFIER, AdapterMeta
-from qtune.studio.common import ApiError, Studio, api, error_line, read_json, spawn, tail
+from qtune.studio.common import EXPORTS, ApiError, Studio, api, error_line, read_json, spawn, tail
 
-EXPORTS = "exports"  # <dir>/exports/<name>-<format>[-<type>]: what the export jobs write
 FORMATS = ("peft", "gguf", "gguf-lora")
 GGUF_TYPES = ("f16", "q8_0")
 MAX_EXPORTS = 2  # each merges a base in memory: more at once would starve training and the playground
