@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # The name pip installs qtune under (`qtune` on PyPI is another project); the import name stays `qtune`.
 DISTRIBUTION = "qtune-lora"
 # The recipes a config's `recipe:` may name without a path (recipes/sft.py, recipes/classify.py).
-BUILTIN_RECIPES = ("sft", "classify")
+BUILTIN_RECIPES = ("sft", "classify", "dpo", "grpo")
 
 
 def recipes_package() -> tuple[str, Path]:

@@ -169,3 +169,104 @@ def evaluate(
     metrics = evaluate_loss(model, examples, tokenizer.pad_token_id, batch_size, progress=f"{label}: loss")
     acc, samples = answer_accuracy(model, tokenizer, examples, max_new_tokens, batch_size, f"{label}: generate")
     return {**metrics, **acc, "examples": len(examples)}, samples
+
+
+@torch.no_grad()
+def sequence_logps(
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[float]:
+    """Summed log-probability of each completion after its prompt (what DPO's implicit reward is made of).
+
+    Rows are left-padded, so the completions sit in the last positions and only those go through the LM head.
+    """
+    model.eval()
+    out = [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]) - len(completions[i]))
+    device = _device(model)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ids, mask = _left_pad([prompts[i] + completions[i] for i in batch], pad_id, device)
+        lengths = torch.tensor([len(completions[i]) for i in batch], device=device)
+        keep = int(lengths.max()) + 1  # +1: the position predicting the first completion token
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = ids[:, ids.shape[1] - keep + 1 :]
+        token = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        trained = torch.arange(keep - 1, device=device)[None, :] >= (keep - 1 - lengths)[:, None]
+        for row, value in zip(batch, (token * trained).sum(-1).tolist()):
+            out[row] = value
+    return out
+
+
+def preference_metrics(model, pairs: list, pad_id: int, beta: float, batch_size: int = 16) -> dict[str, float]:
+    """How the model ranks held-out (prompt, chosen, rejected) pairs.
+
+    `preference_accuracy`: the share of pairs whose chosen answer is more likely than the rejected one (a base
+    is measured the same way). With an adapter: `reward_accuracy` and `reward_margin`, DPO's implicit reward
+    beta * (log-ratio of chosen - log-ratio of rejected) against the base with the adapter switched off.
+    """
+    prompts = [p.prompt_ids for p in pairs]
+    chosen = sequence_logps(model, prompts, [p.chosen_ids for p in pairs], pad_id, batch_size)
+    rejected = sequence_logps(model, prompts, [p.rejected_ids for p in pairs], pad_id, batch_size)
+    n = len(pairs)
+    metrics = {"preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n, "pairs": n}
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            ref_chosen = sequence_logps(model, prompts, [p.chosen_ids for p in pairs], pad_id, batch_size)
+            ref_rejected = sequence_logps(model, prompts, [p.rejected_ids for p in pairs], pad_id, batch_size)
+        margins = [beta * ((c - rc) - (r - rr)) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+        metrics["reward_accuracy"] = sum(m > 0 for m in margins) / n
+        metrics["reward_margin"] = sum(margins) / n
+    return metrics
+
+
+def evaluate_preferences(
+    model, tokenizer, pairs: list, beta: float, batch_size: int = 16, max_new_tokens: int = 16, label: str = "eval"
+) -> tuple[dict[str, float], list[dict]]:
+    """Preference metrics on held-out pairs, and exact-match accuracy of greedy answers against the chosen answer
+    for the pairs whose chosen answer fits in `max_new_tokens` (short answers: a label, a number); plus the mean
+    answer length in words."""
+    metrics = preference_metrics(model, pairs, tokenizer.pad_token_id, beta, batch_size)
+    short = [p for p in pairs if len(p.chosen_ids) <= max_new_tokens]
+    if not short:
+        return metrics, []
+    accuracy, samples = answer_accuracy(model, tokenizer, short, max_new_tokens, batch_size, f"{label}: generate")
+    words = sum(len(s["output"].split()) for s in samples) / max(len(samples), 1)
+    return {**metrics, **accuracy, "answer_words": words}, samples
+
+
+def evaluate_rewards(
+    model, tokenizer, prompts: list, grpo, reward_funcs: list, batch_size: int = 16, label: str = "eval"
+) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to held-out prompts (up to grpo.max_new_tokens), scored by the run's reward functions: each
+    function's mean and the weighted total (`reward`); plus exact-match accuracy where records have a reference."""
+    outputs = generate_ids(
+        model, tokenizer, [p.prompt_ids for p in prompts], grpo.max_new_tokens, batch_size, f"{label}: generate"
+    )
+    completions = [
+        [{"role": "assistant", "content": o}] if isinstance(p.prompt, list) else o for p, o in zip(prompts, outputs)
+    ]
+    ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
+    references = [p.reference for p in prompts]
+    weights = grpo.reward_weights or [1.0] * len(reward_funcs)
+    metrics, total = {}, [0.0] * len(prompts)
+    for path, fn, weight in zip(grpo.rewards, reward_funcs, weights):
+        values = fn(
+            prompts=[p.prompt for p in prompts], completions=completions, completion_ids=ids, reference=references
+        )
+        scored = [v for v in values if v is not None]
+        metrics[f"reward/{path.rpartition(':')[2]}"] = sum(scored) / max(len(scored), 1)
+        total = [t + weight * (v or 0.0) for t, v in zip(total, values)]
+    metrics["reward"] = sum(total) / len(prompts)
+    samples = [
+        {"row": p.row, "prompt": tokenizer.decode(p.prompt_ids), "answer": p.reference, "output": o, "reward": r}
+        for p, o, r in zip(prompts, outputs, total)
+    ]
+    known = [s for s in samples if s["answer"] is not None]
+    if known:
+        metrics["accuracy"] = sum(normalize_answer(s["output"]) == normalize_answer(s["answer"]) for s in known) / len(
+            known
+        )
+    metrics["answer_words"] = sum(len(o.split()) for o in outputs) / len(outputs)
+    return metrics, samples

@@ -35,13 +35,38 @@ def peft_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
 
 
 def attach_lora(model, cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
-    """Wrap `model` with fresh LoRA adapters; only adapter weights (and modules_to_save) train."""
+    """Wrap `model` with fresh LoRA adapters, or with lora.from_adapter's trained ones (checked beforehand by
+    `check_from_adapter`); only adapter weights (and modules_to_save) train."""
     import peft
 
+    if cfg.from_adapter:
+        model = peft.PeftModel.from_pretrained(model, cfg.from_adapter, is_trainable=True)
+        print(f"LoRA weights from {cfg.from_adapter} (r={model.peft_config['default'].r})")
+        return model
     try:
         return peft.get_peft_model(model, peft_config(cfg, task_type))
     except ValueError as e:  # e.g. a target module name that does not exist in this model
         raise AdapterError(f"lora.targets: {e}") from None
+
+
+def check_from_adapter(cfg: RunConfig, base_fingerprint: str) -> None:
+    """lora.from_adapter, before any model loads: a complete causal-LM adapter folder trained on this very base."""
+    path = cfg.lora.from_adapter
+    if not path:
+        return
+    if cfg.recipe == "classify":
+        raise AdapterError("lora.from_adapter: the classify recipe starts from fresh LoRA weights and a new head")
+    if not (Path(path) / META_FILE).is_file():
+        raise AdapterError(f"lora.from_adapter: {path} is not a qtune adapter folder (no {META_FILE} in it)")
+    meta = AdapterMeta.read(path)
+    check_weights(path)
+    if meta.is_classifier:
+        raise AdapterError(f"lora.from_adapter: {path} is a classifier adapter; start from a causal-LM one")
+    if meta.base_fingerprint != base_fingerprint:
+        raise AdapterError(
+            f"lora.from_adapter: {path} was trained on another base ({meta.config.model.name}, fingerprint "
+            f"{meta.base_fingerprint[:19]}...) than this run's {cfg.model.name} ({base_fingerprint[:19]}...)"
+        )
 
 
 def output_dir(cfg: RunConfig) -> Path:
@@ -82,8 +107,10 @@ def save_adapter(
         raise AdapterError(f"{out_dir} already exists: set output.overwrite=true to replace it")
     try:
         with atomic.staged_folder(out_dir, replace=True) as tmp:
+            # Only the trained adapter: trl's DPO/KTO/GRPO add a frozen "ref" copy beside it (lora.from_adapter).
+            only = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
             model.save_pretrained(
-                str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
+                str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}), **only
             )
             check_head_saved(tmp, meta.labels.head_modules if meta.labels else [])
             for name, data in (files or {}).items():

@@ -8,7 +8,9 @@ key, and every validation error names the dotted key to change.
 from qtune.config.load import RENAMED, from_dict, load_config, parse_overrides, to_dict, valid_keys
 from qtune.config.schema import (
     DataConfig,
+    DpoConfig,
     EvalConfig,
+    GrpoConfig,
     LoraConfig,
     ModelConfig,
     OutputConfig,
@@ -23,7 +25,9 @@ __all__ = [
     "RENAMED",
     "ConfigError",
     "DataConfig",
+    "DpoConfig",
     "EvalConfig",
+    "GrpoConfig",
     "LoraConfig",
     "ModelConfig",
     "OutputConfig",

@@ -42,6 +42,12 @@ class LoraConfig:
     rslora: bool = _help("Rank-stabilised scaling alpha / sqrt(r).", False)
     dora: bool = _help("Weight-decomposed LoRA (DoRA); slower per step.", False)
     modules_to_save: list[str] = _help("Modules trained in full and saved with the adapter.", factory=list)
+    from_adapter: str | None = _help(
+        "Start from this trained adapter folder (of the same base) instead of fresh LoRA weights; its own r, alpha "
+        "and targets are used. DPO/KTO/GRPO: the reference is this adapter as it was (a frozen copy of its LoRA "
+        "weights, never a second base); without it, the base with the adapter switched off.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -282,6 +288,66 @@ def _report_to(value: str | list[str]) -> str | list[str]:
 
 
 @dataclass
+class DpoConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "kto"] = _help(
+        "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (noisy labels) on (prompt, chosen, rejected) "
+        "pairs; kto on (prompt, completion, label) records (a pair file gives one good and one bad record per pair).",
+        "sigmoid",
+    )
+    beta: float = _help("How far the adapter may move from the reference: higher keeps it closer.", 0.1)
+    label_smoothing: float = _help("sigmoid/robust: the assumed fraction of wrongly labelled pairs (0: none).", 0.0)
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ConfigError(f"dpo.label_smoothing applies to dpo.loss=sigmoid or robust, not {self.loss}")
+
+
+@dataclass
+class GrpoConfig:
+    rewards: list[str] = _help(
+        "Reward functions, each a `module:function` path (a module importable from the working folder, or a .py "
+        "file path before the colon); shipped in recipes/rewards.py: exact_answer, contains_reference, format_match, "
+        "brevity. Each takes (prompts, completions, reference, **kwargs) and returns one float per "
+        "completion.",
+        factory=lambda: ["recipes.rewards:exact_answer"],
+    )
+    reward_weights: list[float] | None = _help("One weight per reward function (default: 1 each).", None)
+    group_size: int = _help("Completions sampled per prompt; rewards are compared within each group.", 4)
+    max_new_tokens: int = _help("Longest sampled completion, in tokens.", 32)
+    temperature: float = _help("Sampling temperature of the completions.", 1.0)
+    beta: float = _help(
+        "KL coefficient against the reference (0: no reference forward, the cheapest; 0.04 as in DeepSeekMath).", 0.0
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rewards, str):  # grpo.rewards=a:b,c:d on the command line
+            self.rewards = [r.strip() for r in self.rewards.split(",") if r.strip()]
+        if not self.rewards:
+            raise ConfigError("grpo.rewards is empty: name at least one reward function (module:function)")
+        for path in self.rewards:
+            if ":" not in path:
+                raise ConfigError(f"grpo.rewards: {path!r} is not module:function (e.g. recipes.rewards:exact_answer)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards"
+            )
+        if self.group_size < 2:
+            raise ConfigError(
+                f"grpo.group_size must be at least 2 (rewards are compared in a group), got {self.group_size}"
+            )
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"grpo.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ConfigError(f"grpo.temperature must be positive, got {self.temperature}")
+        if self.beta < 0:
+            raise ConfigError(f"grpo.beta must be >= 0, got {self.beta}")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = _help("Examples per batch when evaluating and generating.", 16)
     max_new_tokens: int = _help("Generation budget for answer accuracy.", 16)
@@ -305,7 +371,10 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    recipe: str = _help("Recipe that runs this config: 'sft', 'classify', or a path to your own recipe .py.", "sft")
+    recipe: str = _help(
+        "Recipe that runs this config: 'sft', 'classify', 'dpo' (DPO/KTO), 'grpo', or a path to your own recipe .py.",
+        "sft",
+    )
     resume: str | None = _help(
         "'auto': continue from the newest complete checkpoint of this run (or start if there is none); "
         "or a checkpoint folder. Unset: refuse to start over an interrupted run's checkpoints.",
@@ -316,5 +385,7 @@ class RunConfig:
     lora: LoraConfig = _help("LoRA adapter.", factory=LoraConfig)
     data: DataConfig = _help("Training and evaluation data.", factory=DataConfig)
     train: TrainConfig = _help("Optimisation.", factory=TrainConfig)
+    dpo: DpoConfig = _help("Preference tuning (recipe: dpo).", factory=DpoConfig)
+    grpo: GrpoConfig = _help("Reinforcement learning with reward functions (recipe: grpo).", factory=GrpoConfig)
     eval: EvalConfig = _help("Evaluation.", factory=EvalConfig)
     output: OutputConfig = _help("Where the adapter is written.", factory=OutputConfig)

@@ -187,11 +187,11 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 def _with_guards(
-    cls, model, tokenizer, train_dataset, eval_dataset, cfg, checkpoints, callbacks, make_args, data_collator
+    cls, model, tokenizer, train_dataset, eval_dataset, cfg, checkpoints, callbacks, make_args, data_collator, **extra
 ):
     guard = NonFiniteGuard(cfg.train.on_nonfinite, train_dataset)
     promoter = CheckpointPromoter(cfg.train.save_limit)
-    kwargs = {"data_collator": data_collator} if data_collator is not None else {}
+    kwargs = {"data_collator": data_collator, **extra} if data_collator is not None else extra
     evaluate = eval_dataset is not None and len(eval_dataset) > 0 and eval_steps(cfg) > 0
     if evaluate:
         has_row = "row" in eval_dataset.column_names
@@ -251,4 +251,144 @@ def build_classification_trainer(
         callbacks,
         make_args,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.train.pad_to_multiple_of or None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference (DPO, KTO) and reward (GRPO) training
+
+
+def _preference_args(cfg: RunConfig, work_dir: Path, evaluate: bool) -> dict:
+    """What the DPO and KTO configs share beyond _common_args."""
+    return dict(
+        **_common_args(cfg, work_dir, evaluate),
+        # Token ids arrive validated, masked and truncated by qtune.data.preference.
+        max_length=None,
+        pad_to_multiple_of=cfg.train.pad_to_multiple_of or None,
+        dataset_num_proc=None,
+        beta=cfg.dpo.beta,
+        # The reference is the same model with its adapter off (or a frozen copy of lora.from_adapter's LoRA
+        # weights), computed with each batch: never a second copy of the base.
+        precompute_ref_log_probs=False,
+    )
+
+
+def dpo_args(cfg: RunConfig, work_dir: Path, evaluate: bool = False):
+    """trl.DPOConfig for a qtune RunConfig (dpo.loss one of trl's paired losses)."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **_preference_args(cfg, work_dir, evaluate), loss_type=[cfg.dpo.loss], label_smoothing=cfg.dpo.label_smoothing
+    )
+
+
+def kto_args(cfg: RunConfig, work_dir: Path, evaluate: bool = False):
+    """trl.KTOConfig for a qtune RunConfig (dpo.loss=kto)."""
+    from trl import KTOConfig
+
+    if cfg.train.batch_size < 2:
+        raise ConfigError(
+            "dpo.loss=kto needs train.batch_size >= 2: its KL term pairs each completion with a neighbour's prompt"
+        )
+    values = _preference_args(cfg, work_dir, evaluate)
+    # KTO estimates its KL term from each completion paired with its neighbour's prompt in a fixed-order batch, so
+    # trl requires sequential order; qtune shuffles the records with train.seed before (build_kto_trainer).
+    values["train_sampling_strategy"] = "sequential"
+    return KTOConfig(**values)
+
+
+def grpo_args(cfg: RunConfig, work_dir: Path, evaluate: bool = False):
+    """trl.GRPOConfig for a qtune RunConfig: train.batch_size counts completions (grpo.group_size per prompt)."""
+    from trl import GRPOConfig
+
+    g, t = cfg.grpo, cfg.train
+    if (t.batch_size * t.grad_accum) % g.group_size:
+        raise ConfigError(
+            f"recipe grpo: train.batch_size x train.grad_accum ({t.batch_size} x {t.grad_accum}) counts completions "
+            f"and must be a multiple of grpo.group_size ({g.group_size}), so that every prompt's group is whole"
+        )
+    values = _common_args(cfg, work_dir, evaluate=False)  # the held-out reward is measured after training
+    values.update(
+        train_sampling_strategy="random",  # GRPO draws each prompt group_size times itself (its RepeatSampler)
+        remove_unused_columns=False,  # the reward functions read the data's other columns (reference)
+        num_generations=g.group_size,
+        max_completion_length=g.max_new_tokens,
+        temperature=g.temperature,
+        beta=g.beta,
+        reward_weights=g.reward_weights,
+        pad_to_multiple_of=t.pad_to_multiple_of or None,
+        log_completions=False,
+    )
+    return GRPOConfig(**values)
+
+
+class _Pretokenized:
+    """Trainer mixin for trl's DPO and KTO trainers, which tokenize text columns themselves: qtune gives them
+    token ids already validated, masked and truncated (qtune.data.preference), taken as they are."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" not in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if getattr(self, "calculate_KL", False):
+            # KTO's KL completions, as trl builds them: each batch's completions rotated by one, so each is scored
+            # after another example's prompt.
+            def rotate(batch):
+                return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+            dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+        return dataset
+
+
+def build_dpo_trainer(
+    model, tokenizer, train_dataset, cfg: RunConfig, checkpoints: Path, callbacks=None, eval_dataset=None
+):
+    """A DPOTrainer (or KTOTrainer, dpo.loss=kto) over pre-tokenized preference data (qtune.data.pairs_dataset /
+    judged_dataset), with checkpoints and the non-finite guard. `model` is the PeftModel being trained: the
+    reference is the same model with its adapter off (a fresh adapter), or a frozen copy of its starting LoRA
+    weights (lora.from_adapter), never a second copy of the base."""
+    from trl import DPOTrainer, KTOTrainer
+
+    if cfg.dpo.loss == "kto":
+        trainer_cls, make_args = KTOTrainer, kto_args
+        train_dataset = train_dataset.shuffle(seed=cfg.train.seed).flatten_indices()  # (then read in order)
+    else:
+        trainer_cls, make_args = DPOTrainer, dpo_args
+
+    class QtunePreferenceTrainer(_Pretokenized, _GuardedSteps, trainer_cls):
+        pass
+
+    return _with_guards(
+        QtunePreferenceTrainer,
+        model,
+        tokenizer,
+        train_dataset,
+        eval_dataset,
+        cfg,
+        checkpoints,
+        callbacks,
+        make_args,
+        None,
+    )
+
+
+def build_grpo_trainer(model, tokenizer, train_dataset, reward_funcs: list, cfg: RunConfig, checkpoints: Path):
+    """A GRPOTrainer over (prompt, reference, row) data (qtune.data.prompts_dataset), scoring each group of
+    sampled completions with `reward_funcs`; with grpo.beta > 0 the reference is the model with its adapter off."""
+    from trl import GRPOTrainer
+
+    class QtuneGRPOTrainer(_GuardedSteps, GRPOTrainer):
+        pass
+
+    return _with_guards(
+        QtuneGRPOTrainer,
+        model,
+        tokenizer,
+        train_dataset,
+        None,
+        cfg,
+        checkpoints,
+        None,
+        grpo_args,
+        None,
+        reward_funcs=reward_funcs,
     )

@@ -178,7 +178,7 @@ class _GuardedSteps:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededLengthSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            lengths=lengths(dataset),
+            lengths=sequence_lengths(dataset),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
@@ -239,8 +239,9 @@ class NonFiniteGuard(TrainerCallback):
         self.stopped: dict | None = None
         self._rows_of: dict[bytes, list[int]] = {}  # a 16-byte digest per example, not its token tuple
         for batch in train_dataset.iter(batch_size=1000):  # in batches: a large data set stays on disk
-            for ids, row in zip(batch["input_ids"], batch["row"]):
-                self._rows_of.setdefault(_digest(ids), []).append(row)
+            for i, row in enumerate(batch["row"]):
+                for ids in _sequences(batch, i):
+                    self._rows_of.setdefault(_digest(ids), []).append(row)
         self._batches: list[dict] = []
         self._bad_loss = False
 
@@ -299,6 +300,23 @@ def _digest(ids: list[int]) -> bytes:
     return hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
 
 
+def _sequences(batch: dict, i: int) -> list[list[int]]:
+    """The token rows the trainer builds from example `i` of a dataset batch: its input_ids (SFT, classification),
+    prompt + chosen and prompt + rejected (DPO), prompt + completion (KTO); none from GRPO's prompts (its rows are
+    generated)."""
+    if "input_ids" in batch:
+        return [batch["input_ids"][i]]
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in batch]
+    return [batch["prompt_ids"][i] + batch[c][i] for c in answers] if "prompt_ids" in batch else []
+
+
+def sequence_lengths(dataset) -> list[int]:
+    """Each example's token count as length grouping sees it: input_ids, or the prompt and its longest answer."""
+    if "input_ids" in dataset.column_names:
+        return lengths(dataset)
+    return [max(map(len, _sequences(b, i))) for b in dataset.iter(batch_size=1000) for i in range(len(b["prompt_ids"]))]
+
+
 def _examples(batch: dict) -> list[list[int]]:
     """The token ids of each example in a micro-batch: padded rows cut by the attention mask, or a
     padding-free row split where position_ids restart at 0."""
@@ -308,6 +326,8 @@ def _examples(batch: dict) -> list[list[int]]:
             starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
             out += [ids[a:b] for a, b in zip(starts, starts[1:])]
         return out
+    if "input_ids" not in batch:  # (GRPO: generated rows, not the data set's)
+        return []
     mask = batch.get("attention_mask")
     if mask is None:
         return batch["input_ids"].tolist()

@@ -63,6 +63,7 @@ class Run:
         if self.cfg.train.vram:  # a run the planner says does not fit the stated GPU is refused here
             print(check_vram(self.cfg, self.base_path, longest))
         self.fingerprint = models.fingerprint_base(self.base_path)
+        lora.check_from_adapter(self.cfg, self.fingerprint)  # an adapter of another base is refused before it loads
         template = self.tokenizer.chat_template
         self.identity = checkpoint.identity(self.cfg, self.fingerprint, train_report.fingerprint, template)
         self.resume_from = checkpoint.prepare(self.cfg, self.identity)
