@@ -7,6 +7,18 @@ from qtune.config import DataConfig
 from qtune.data.encode import IGNORE, chat_segments, encode
 from qtune.data.formats import FORMATS, SHAREGPT_ROLES, detect_format
 from qtune.data.load import DataReport, load_examples, to_dataset
+from qtune.data.preference import (
+    Judged,
+    Pair,
+    Prompted,
+    judged_dataset,
+    load_judged,
+    load_pairs,
+    load_prompts,
+    longest,
+    pairs_dataset,
+    prompts_dataset,
+)
 from qtune.data.read import fingerprint_data, iter_records, raise_all, read_records
 from qtune.data.sources import HeldOut, describe, hold_out, load_train, weighted
 from qtune.data.store import Example, Examples
@@ -24,6 +36,9 @@ __all__ = [
     "HeldOut",
     "SHAREGPT_ROLES",
     "TEMPLATES",
+    "Judged",
+    "Pair",
+    "Prompted",
     "apply_template",
     "chat_segments",
     "describe",
@@ -32,8 +47,15 @@ __all__ = [
     "fingerprint_data",
     "hold_out",
     "iter_records",
+    "judged_dataset",
     "load_examples",
+    "load_judged",
+    "load_pairs",
+    "load_prompts",
     "load_train",
+    "longest",
+    "pairs_dataset",
+    "prompts_dataset",
     "raise_all",
     "read_records",
     "resolve_template",
