@@ -23,9 +23,20 @@ CONFIG = Path(__file__).parent / "configs" / "smollm2_sentiment.yaml"
 VADER_SDIST = Path("data/downloads/vaderSentiment-3.3.2.tar.gz")
 
 
-def _row(name: str, before: float | None, after: float | None, fmt: str) -> str:
+def row(name: str, before: float | None, after: float | None, fmt: str, width: int = 28) -> str:
+    """One line of a before/after table (`-` where there is no value)."""
     cell = lambda v: "-" if v is None else format(v, fmt)  # noqa: E731
-    return f"| {name:<28} | {cell(before):>14} | {cell(after):>14} |"
+    return f"| {name:<{width}} | {cell(before):>14} | {cell(after):>14} |"
+
+
+def vader_data(folder: Path) -> None:
+    """The VADER movie-review chat data in `folder` (train.jsonl, test.jsonl), prepared from the sdist once."""
+    if (folder / "train.jsonl").is_file() and (folder / "test.jsonl").is_file():
+        return
+    if not VADER_SDIST.is_file():
+        raise SystemExit(f"{VADER_SDIST} is missing: run `make install` to download it")
+    sizes = vader.prepare(VADER_SDIST, folder)
+    print(f"demo data: {sizes['train']} training and {sizes['test']} held-out reviews")
 
 
 def main(overrides: list[str]) -> None:
@@ -33,11 +44,7 @@ def main(overrides: list[str]) -> None:
     timings = {}
 
     start = time.perf_counter()
-    if not Path(cfg.data.train).is_file() or not Path(cfg.data.eval).is_file():
-        if not VADER_SDIST.is_file():
-            raise SystemExit(f"{VADER_SDIST} is missing: run `make install` to download it")
-        sizes = vader.prepare(VADER_SDIST, Path(cfg.data.train).parent)
-        print(f"demo data: {sizes['train']} training and {sizes['test']} held-out reviews")
+    vader_data(Path(cfg.data.train).parent)
     base_path = models.resolve_base(cfg.model)
     timings["prepare model and data"] = time.perf_counter() - start
 
@@ -66,11 +73,11 @@ def main(overrides: list[str]) -> None:
     print(f"\nHeld-out VADER movie reviews (n={n}), {cfg.model.name} in {cfg.quant.method}:")
     print(f"| {'metric':<28} | {'base zero-shot':>14} | {'QLoRA adapter':>14} |")
     print(f"|{'-' * 30}|{'-' * 16}|{'-' * 16}|")
-    print(_row("exact-match accuracy", before.get("accuracy"), after.get("accuracy"), ".1%"))
-    print(_row("answer-contained accuracy", before.get("contains_accuracy"), after.get("contains_accuracy"), ".1%"))
-    print(_row("majority-class baseline", majority, majority, ".1%"))
-    print(_row("answer loss (nats/token)", before["loss"], after["loss"], ".3f"))
-    print(_row("answer perplexity", before["perplexity"], after["perplexity"], ".2f"))
+    print(row("exact-match accuracy", before.get("accuracy"), after.get("accuracy"), ".1%"))
+    print(row("answer-contained accuracy", before.get("contains_accuracy"), after.get("contains_accuracy"), ".1%"))
+    print(row("majority-class baseline", majority, majority, ".1%"))
+    print(row("answer loss (nats/token)", before["loss"], after["loss"], ".3f"))
+    print(row("answer perplexity", before["perplexity"], after["perplexity"], ".2f"))
     print(
         f"\ntraining: {meta['training']['steps']} steps in {meta['training']['seconds']:.0f} s "
         f"({meta['training']['trained_tokens']} answer tokens in the training set)"

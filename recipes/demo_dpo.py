@@ -23,10 +23,10 @@ from pathlib import Path
 from qtune import data, evaluate, lora, models
 from qtune.config import load_config
 
-from . import dpo, vader  # relative: recipes/ in the repo is qtune.recipes once installed
+from . import dpo  # relative: recipes/ in the repo is qtune.recipes once installed
+from .demo import row, vader_data
 
 CONFIG = Path(__file__).parent / "configs" / "smollm2_sentiment_dpo.yaml"
-VADER_SDIST = Path("data/downloads/vaderSentiment-3.3.2.tar.gz")
 SOURCE = Path("data/vader_movies")  # the SFT demo's chat data: the reviews and their labels
 TRAIN_REVIEWS = 192  # training reviews the base answers (pairs come from those it gets wrong)
 MAX_ANSWER = 16  # tokens of the base's answer kept as the rejected one
@@ -67,20 +67,12 @@ def measure(model, tokenizer, cfg, examples, pairs) -> dict:
     return {**acc, "answer_words": words, **prefs, "samples": samples}
 
 
-def _row(name: str, before, after, fmt: str) -> str:
-    cell = lambda v: "-" if v is None else format(v, fmt)  # noqa: E731
-    return f"| {name:<34} | {cell(before):>14} | {cell(after):>14} |"
-
-
 def main(overrides: list[str]) -> None:
     cfg = load_config(CONFIG, ["output.overwrite=true", *overrides])
     timings = {}
 
     start = time.perf_counter()
-    if not (SOURCE / "train.jsonl").is_file() or not (SOURCE / "test.jsonl").is_file():
-        if not VADER_SDIST.is_file():
-            raise SystemExit(f"{VADER_SDIST} is missing: run `make install` to download it")
-        vader.prepare(VADER_SDIST, SOURCE)
+    vader_data(SOURCE)
     base_path = models.resolve_base(cfg.model)
     tokenizer = data.apply_template(models.load_tokenizer(base_path), cfg.data.chat_template)
     timings["prepare model and data"] = time.perf_counter() - start
@@ -117,12 +109,14 @@ def main(overrides: list[str]) -> None:
     print(f"\nHeld-out VADER movie reviews (n={len(held_out)}; {len(held_pairs)} held-out pairs), {cfg.model.name}:")
     print(f"| {'metric':<34} | {'base':>14} | {'DPO adapter':>14} |")
     print(f"|{'-' * 36}|{'-' * 16}|{'-' * 16}|")
-    print(_row("exact-match accuracy", before["accuracy"], after["accuracy"], ".1%"))
-    print(_row("answer-contained accuracy", before["contains_accuracy"], after["contains_accuracy"], ".1%"))
-    print(_row("answer length (words)", before["answer_words"], after["answer_words"], ".2f"))
-    print(_row("prefers chosen (held-out pairs)", before["preference_accuracy"], after["preference_accuracy"], ".1%"))
-    print(_row("reward accuracy (held-out pairs)", None, after.get("reward_accuracy"), ".1%"))
-    print(_row("reward margin (held-out pairs)", None, after.get("reward_margin"), ".3f"))
+    print(row("exact-match accuracy", before["accuracy"], after["accuracy"], ".1%", 34))
+    print(row("answer-contained accuracy", before["contains_accuracy"], after["contains_accuracy"], ".1%", 34))
+    print(row("answer length (words)", before["answer_words"], after["answer_words"], ".2f", 34))
+    print(
+        row("prefers chosen (held-out pairs)", before["preference_accuracy"], after["preference_accuracy"], ".1%", 34)
+    )
+    print(row("reward accuracy (held-out pairs)", None, after.get("reward_accuracy"), ".1%", 34))
+    print(row("reward margin (held-out pairs)", None, after.get("reward_margin"), ".3f", 34))
     print(f"\ntraining: {meta['training']['steps']} steps in {meta['training']['seconds']:.0f} s")
     for name, seconds in timings.items():
         print(f"  {name:<32} {seconds:6.0f} s")

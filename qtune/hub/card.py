@@ -55,11 +55,21 @@ def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
         cut(config.get("data"), "chat_template")  # a .jinja file's local path (its text is in chat_template)
     cut(config.get("output"), "dir")
     cut(config, "resume")
+    cut(config.get("lora"), "from_adapter")
+    cut(meta.get("training"), "from_adapter")
+    for section in (config.get("grpo"), meta.get("training")):  # a reward in a local .py file: its file name
+        if isinstance(section, dict) and isinstance(section.get("rewards"), list):
+            section["rewards"] = [_reward_name(r) for r in section["rewards"]]
     for report in (meta.get("data") or {}).values():
         cut(report, "file")
         for source in (report or {}).get("sources") or []:
             cut(source, "file")
     return meta
+
+
+def _reward_name(path: Any) -> Any:
+    module, _, function = str(path).rpartition(":")
+    return f"{Path(module).name}:{function}" if module.endswith(".py") else path
 
 
 def _fmt(value: Any) -> str:
@@ -95,7 +105,10 @@ def render_card(
     quant = cfg.get("quant", {}).get("method", "none")
     lora = cfg.get("lora", {})
     train = cfg.get("train", {})
+    training = meta.get("training", {})
+    method = training.get("method", "classification" if kind == CLASSIFIER else "sft")
     tags = ["qtune", "peft", "lora", *(["qlora"] if quant in ("nf4", "fp4", "int8") else [])]
+    tags += [method] if method in METHODS else []
     license = license or BASE_LICENSES.get(base or "")
     data = ModelCardData(
         base_model=base,
@@ -152,13 +165,13 @@ def render_card(
             "(qtune does this for you).\n"
         )
 
-    training = meta.get("training", {})
     lines.append("## Training\n")
     lines.append(
         _table(
             [
                 ("base", base or cfg.get("model", {}).get("name")),
                 ("base fingerprint", f"`{meta.get('base', {}).get('fingerprint', '-')}`"),
+                ("method", _method(method, training)),
                 ("quantization", quant + (" + double quant" if cfg.get("quant", {}).get("double_quant") else "")),
                 ("compute dtype", cfg.get("model", {}).get("dtype")),
                 ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}"),
@@ -203,6 +216,25 @@ def render_card(
         f"\n\n<details>\n\n```yaml\n{config_yaml}```\n\n</details>\n"
     )
     return "\n".join(lines)
+
+
+# What qtune.json's training.method may say beyond SFT and classification, as the Hub's tags name them.
+METHODS = {
+    "dpo": "DPO (direct preference optimization) on preference pairs",
+    "kto": "KTO (Kahneman-Tversky optimization) on completions judged good or bad",
+    "grpo": "GRPO (group relative policy optimization) with reward functions",
+}
+
+
+def _method(method: str, training: dict[str, Any]) -> str:
+    """The training method as the card's table says it: what it is, its settings, and where it started from."""
+    text = METHODS.get(method, "supervised fine-tuning" if method == "sft" else method)
+    settings = [f"{k} {_fmt(training[k])}" for k in ("loss", "beta", "group_size") if training.get(k) is not None]
+    if training.get("rewards"):
+        settings.append("rewards " + ", ".join(f"`{r}`" for r in training["rewards"]))
+    if training.get("from_adapter"):
+        settings.append(f"from adapter `{Path(training['from_adapter']).name}`")
+    return text + (f" ({'; '.join(settings)})" if settings else "")
 
 
 def _hardware(value: Any) -> str:

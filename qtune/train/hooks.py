@@ -182,6 +182,13 @@ class _GuardedSteps:
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers groups held-out rows by their input_ids' length; preference data has prompt and answer ids
+        # instead, and the order of a held-out loss's rows does not change it.
+        if eval_dataset is not None and "input_ids" not in getattr(eval_dataset, "column_names", ["input_ids"]):
+            return torch.utils.data.SequentialSampler(eval_dataset)
+        return super()._get_eval_sampler(eval_dataset)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
