@@ -231,11 +231,16 @@ def cmd_plan(args) -> None:
         checkpoint_every=args.checkpoint_every,
         optim=args.optim,
         dtype=args.dtype,
-        loss="chunked" if args.chunked_loss == "on" else "fused",
+        loss={"on": "chunked", "off": "fused", None: None}[args.chunked_loss],  # None: the method's own
         trained_tokens=args.trained_tokens,
         vram=plan.parse_bytes(args.vram) if args.vram is not None else None,
         gpus=args.gpus,
         sharding=args.sharding,
+        method=args.method,
+        group_size=args.group_size,
+        gen_tokens=args.gen_tokens,
+        grad_accum=args.grad_accum,
+        beta=args.beta,
     )
     arch = plan.load_arch(args.model)
     result = plan.estimate(arch, inp)
@@ -267,6 +272,10 @@ def _plan_defaults() -> dict:
         "optim": inp.optim,
         "dtype": inp.dtype,
         "chunked_loss": on(inp.loss == "chunked"),
+        "grad_accum": inp.grad_accum,
+        "group_size": cfg.grpo.group_size,
+        "gen_tokens": cfg.grpo.max_new_tokens,
+        "beta": cfg.grpo.beta,
     }
 
 
@@ -476,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunked-loss",
         choices=["on", "off"],
-        default=d["chunked_loss"],
-        help="on: qtune's loss (logits at trained positions, fp32 chunks); off: trl's fused LM head",
+        default=None,
+        help="on: qtune's loss (logits at trained positions, fp32 chunks); off: trl's fused LM head (default: "
+        f"{d['chunked_loss']} for sft, as a default config; dpo, kto and grpo always run the fused head)",
     )
     p.add_argument(
         "--trained-tokens",
@@ -487,6 +497,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=_positive_int("--gpus"), default=1, help="GPUs the run spreads over (per-GPU plan)")
     p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp", help="a copy per GPU, or FSDP-sharded")
+    p.add_argument(
+        "--method",
+        choices=["sft", "dpo", "kto", "grpo"],
+        default="sft",
+        help="what trains: sft; dpo (--batch pairs: 2 x batch rows); kto (--batch judged completions); grpo "
+        "(--batch sampled completions, --group-size per prompt, and a generation phase)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int("--group-size"),
+        default=d["group_size"],
+        help=f"grpo: completions sampled per prompt (default {d['group_size']})",
+    )
+    p.add_argument(
+        "--gen-tokens",
+        type=_positive_int("--gen-tokens"),
+        default=d["gen_tokens"],
+        help=f"grpo: the longest sampled completion, counted in --seq (default {d['gen_tokens']})",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=_positive_int("--grad-accum"),
+        default=d["grad_accum"],
+        help="micro-batches per optimizer step; grpo samples all of them at once",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=d["beta"],
+        help="grpo's KL coefficient (grpo.beta): above 0 adds a frozen copy of the adapter and a no-grad scoring pass",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

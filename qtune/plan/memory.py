@@ -18,6 +18,7 @@ from qtune.plan.arch import (
     linear_layers,
     quant_constant_bytes,
 )
+from qtune.plan.methods import generation_bytes, reference_adapter, training_input
 
 if TYPE_CHECKING:
     from qtune.plan.planner import PlanInput
@@ -33,6 +34,7 @@ COMPONENTS = (
     "optimizer states",
     "activations",
     "logits and loss",
+    "KV cache",
     "data-parallel buffers",
     "CUDA context and allocator headroom",
 )
@@ -78,10 +80,10 @@ QMAPS = 2 * 256 * 4
 PAGED_MIN = 100_000
 
 
-def _optimizer_bytes(sizes: list[int], optim: str) -> tuple[int, int]:
+def _optimizer_bytes(sizes: list[int], optim: str, param_bytes: int = 4) -> tuple[int, int]:
     """(all optimizer-state bytes, the part a paged optimizer puts in unified memory)."""
     if optim == "adamw":
-        return 8 * sum(sizes), 0  # exp_avg and exp_avg_sq, fp32 (torch's AdamW)
+        return 2 * param_bytes * sum(sizes), 0  # exp_avg and exp_avg_sq in the weights' dtype (torch's AdamW)
     paged = optim.startswith("paged")
     total = managed = 0
     for n in sizes:
@@ -94,6 +96,11 @@ def _optimizer_bytes(sizes: list[int], optim: str) -> tuple[int, int]:
     if any(n >= MIN_8BIT_SIZE for n in sizes):
         total += QMAPS
     return total, managed
+
+
+def lora_bytes(inp: PlanInput) -> int:
+    """Bytes per trained LoRA weight: PEFT makes them fp32; trl's trainers cast them to bf16 on a quantized base."""
+    return DTYPE_BYTES[inp.lora_dtype]
 
 
 def _layer_activations(arch: dict, inp: PlanInput, upcast: bool) -> int:
@@ -117,6 +124,10 @@ def _layer_activations(arch: dict, inp: PlanInput, upcast: bool) -> int:
       prepare_model_for_kbit_training the residual stream is fp32 (embeddings were upcast) and
       the 4-bit matmul runs outside autocast, so these are fp32 (4 bytes) instead of 2.
     For Llama-2-7B this is ~66*h per token with k-bit preparation and ~50*h without, not 34*h.
+
+    With 16-bit LoRA weights (trl casts them to bf16 on a quantized base) under autocast nothing is cast: the
+    adapted linears keep their distinct 16-bit inputs, as without autocast. Without autocast and with 16-bit LoRA
+    weights on fp32 activations, PEFT casts each adapted linear's input to 16-bit (2*in each).
     """
     h, i = arch["hidden_size"], arch["intermediate_size"]
     heads, hd = arch["num_attention_heads"], arch["head_dim"]
@@ -135,11 +146,14 @@ def _layer_activations(arch: dict, inp: PlanInput, upcast: bool) -> int:
         attention += batch * seq * seq * cb if padded else 0
     mlp = 3 * (4 if upcast else cb) * i
     adapted = [t for t in _targets(arch, inp.targets) if t[0] != "lm_head"]
-    lora = len(adapted) * cb * inp.lora_r
-    if autocast:
+    w = lora_bytes(inp)
+    lora = len(adapted) * (cb if autocast else w) * inp.lora_r
+    if autocast and w == 4:
         lora += cb * sum(fan_in for _, fan_in, _, _ in adapted)
-    else:  # fp32: no casts, lora_A keeps its input tensor itself, which q, k and v share
-        lora += 4 * sum(_distinct_inputs(adapted))
+    elif autocast or w == cb:  # no casts: lora_A keeps its input tensor itself, which q, k and v share
+        lora += cb * sum(_distinct_inputs(adapted))
+    else:  # fp32 activations, 16-bit LoRA weights: PEFT casts each adapted linear's input
+        lora += w * sum(fan_in for _, fan_in, _, _ in adapted)
     return tokens * (norms + mlp + lora) + attention
 
 
@@ -155,8 +169,34 @@ def _distinct_inputs(adapted: list[tuple[str, int, int, bool]]) -> list[int]:
     return list(seen.values())
 
 
-def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int, int]:
-    """(bytes per component, LoRA parameters, optimizer-state bytes a paged optimizer keeps in unified memory)."""
+def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """(bytes per component at the run's peak, LoRA parameters, optimizer-state bytes a paged optimizer keeps in
+    unified memory, {phase: total} when the run has phases that never coexist: GRPO's generation and training).
+
+    The training phase is the method's micro-batch with grad (qtune.plan.methods.training_input). GRPO's
+    generation phase holds no gradients (the trainer sets them to None after each optimizer step) and no autocast
+    copies of the LoRA weights, but a KV cache (qtune.plan.methods.generation_bytes); the plan is the larger phase.
+    """
+    parts, lora_params, managed, persistent = _training_parts(arch, training_input(inp), reference_adapter(inp))
+    if inp.method != "grpo":
+        return _with_headroom(parts, managed), lora_params, managed, {}
+    generation = dict(parts, **{"LoRA parameters": persistent, "LoRA gradients": 0})
+    generation.update(generation_bytes(arch, inp, lora_bytes(inp)))
+    parts, generation = _with_headroom(parts, managed), _with_headroom(generation, managed)
+    phases = {"generation": sum(generation.values()), "training": sum(parts.values())}
+    return (generation if phases["generation"] > phases["training"] else parts), lora_params, managed, phases
+
+
+def _with_headroom(parts: dict[str, int], managed: int) -> dict[str, int]:
+    # Paged states live in unified memory, outside torch's caching allocator: no allocator headroom on them.
+    held = sum(v for k, v in parts.items() if k != "CUDA context and allocator headroom") - managed
+    return {**parts, "CUDA context and allocator headroom": CUDA_CONTEXT + int(ALLOCATOR_HEADROOM * held)}
+
+
+def _training_parts(arch: dict, inp: PlanInput, reference: bool) -> tuple[dict[str, int], int, int, int]:
+    """(bytes per component of a micro-batch's forward and backward, before headroom; LoRA parameters; paged
+    optimizer-state bytes; the LoRA weights' bytes without autocast copies). `reference`: trl's frozen fp32 copy
+    of the adapter sits beside the trained one."""
     h, layers = arch["hidden_size"], arch["num_hidden_layers"]
     tokens = inp.seq * inp.batch
     cb = DTYPE_BYTES[inp.dtype]
@@ -181,13 +221,17 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int, int]:
 
     sizes = _lora_tensors(arch, inp)
     lora_params = sum(sizes)
-    optimizer, managed = _optimizer_bytes(sizes, inp.optim)
+    w = lora_bytes(inp)
+    optimizer, managed = _optimizer_bytes(sizes, inp.optim, w)
     # PEFT keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype). Under autocast
     # each forward makes a 16-bit copy of every LoRA weight and autograd keeps it until backward;
     # with checkpointing only the layers that are not checkpointed and the one being recomputed hold theirs.
+    # (trl's bf16 cast on a quantized base leaves nothing to copy under bf16 autocast.)
     lora_copies = 0
-    if autocast:
+    if autocast and w != cb:
         lora_copies = cb * (lora_params if not checkpointed else lora_params // layers * kept)
+    # trl adds the reference adapter with PEFT's add_adapter (fp32), after its bf16 cast of the trained one.
+    lora_weights = w * lora_params + (4 * lora_params if reference else 0)
 
     per_layer = _layer_activations(arch, inp, upcast)
     # Non-reentrant checkpointing keeps each checkpointed layer's input (the residual stream: fp32 after
@@ -206,30 +250,28 @@ def _breakdown(arch: dict, inp: PlanInput) -> tuple[dict[str, int], int, int]:
         "quantized weights": linear_q,
         "16-bit weights": unquantized + linear_16,
         "quantization constants": quant_constant_bytes(arch, inp.quant, inp.double_quant),
-        "LoRA parameters": 4 * lora_params + lora_copies,
-        "LoRA gradients": 4 * lora_params,
+        "LoRA parameters": lora_weights + lora_copies,
+        "LoRA gradients": w * lora_params,
         "optimizer states": optimizer,
         "activations": activations,
         "logits and loss": logits,
+        "KV cache": 0,
     }
     parts["data-parallel buffers"] = 0
     if inp.gpus > 1 and inp.sharding == "ddp":
-        parts["data-parallel buffers"] = 4 * lora_params  # DDP's gradient buckets: a second copy of the gradients
+        parts["data-parallel buffers"] = w * lora_params  # DDP's gradient buckets: a second copy of the gradients
     elif inp.gpus > 1:
         # FSDP: weights, gradients and optimizer states are split over the GPUs; in forward and backward
         # the root unit (embeddings, lm_head, final norm: unquantized) and up to two decoder layers
         # (the one computing, the one prefetched) are all-gathered in full.
-        layer_unit = (linear_q + linear_16 + parts["quantization constants"] + 4 * lora_params) // layers
+        layer_unit = (linear_q + linear_16 + parts["quantization constants"] + lora_weights) // layers
         for key in COMPONENTS[:6]:
             parts[key] = -(-parts[key] // inp.gpus)
+        lora_weights = -(-lora_weights // inp.gpus)
         parts["data-parallel buffers"] = unquantized + 2 * layer_unit
     if inp.gpus > 1 and inp.sharding == "fsdp":
         managed = -(-managed // inp.gpus)
-    # Paged states live in unified memory, outside torch's caching allocator: no allocator headroom on them.
-    parts["CUDA context and allocator headroom"] = CUDA_CONTEXT + int(
-        ALLOCATOR_HEADROOM * (sum(parts.values()) - managed)
-    )
-    return parts, lora_params, managed
+    return parts, lora_params, managed, lora_weights
 
 
 def _total(arch: dict, inp: PlanInput) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from qtune.plan.arch import DTYPE_BYTES, QUANTS, PlanError, weight_bytes
 from qtune.plan.memory import COMPONENTS, CUDA_CONTEXT, _breakdown, _total, trained_positions
+from qtune.plan.methods import METHODS, method_line, reference_adapter, training_input
 
 if TYPE_CHECKING:
     from qtune.config import RunConfig
@@ -92,11 +93,12 @@ class PlanInput:
         "With checkpointing: only every k-th decoder layer recomputes (1: all); the others keep their activations.",
         1,
     )
-    loss: Literal["chunked", "fused", "full"] = _help(
+    loss: Literal["chunked", "fused", "full"] | None = _help(
         "The LM head and loss: 'chunked' (qtune's train.chunked_loss: logits at trained positions only, fp32 "
         "cross-entropy in chunks), 'fused' (train.chunked_loss false: trl's fused LM head, no logits kept) or "
-        "'full' (transformers' own loss: every position's logits upcast to fp32; plain HF / trl scripts).",
-        "chunked",
+        "'full' (transformers' own loss: every position's logits upcast to fp32; plain HF / trl scripts). "
+        "None: the method's own (sft: chunked; dpo, kto and grpo always run trl's fused LM head).",
+        None,
     )
     trained_tokens: int | None = _help(
         "Trained (label) positions per example, where the chunked and fused losses keep logits (None: all seq).",
@@ -107,6 +109,28 @@ class PlanInput:
         "QLoRA paper's and many scripts' setup). qtune does not call it: it keeps them in the compute dtype.",
         False,
     )
+    method: Literal["sft", "dpo", "kto", "grpo"] = _help(
+        "What trains: sft; dpo (a batch of pairs: chosen and rejected rows together); kto (a batch of judged "
+        "completions); grpo (a batch of sampled completions, group_size per prompt).",
+        "sft",
+    )
+    group_size: int = _help("GRPO: completions sampled per prompt (grpo.group_size).", 4)
+    gen_tokens: int = _help("GRPO: the longest sampled completion, part of seq (grpo.max_new_tokens).", 32)
+    grad_accum: int = _help(
+        "Micro-batches per optimizer step. GRPO samples the completions of all of them at once (trl's "
+        "steps_per_generation), so its generation phase holds batch x grad_accum rows.",
+        1,
+    )
+    beta: float = _help(
+        "GRPO's KL coefficient (grpo.beta): above 0, trl keeps a frozen copy of the adapter and scores each "
+        "completion under it without grad. (DPO's and KTO's beta change no memory.)",
+        0.0,
+    )
+    lora_dtype: Literal["fp32", "bf16"] | None = _help(
+        "The trained LoRA weights' dtype (their gradients' and AdamW states' too). None: bf16 for dpo, kto and "
+        "grpo on a 4- or 8-bit base, as trl 1.16's trainers cast them; otherwise PEFT's fp32.",
+        None,
+    )
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, seq: int, batch: int, **overrides: Any) -> PlanInput:
@@ -114,6 +138,7 @@ class PlanInput:
         inputs: the run's quantization, LoRA, optimizer, dtype, checkpointing, and the launch's process count)."""
         import os
 
+        method = {"dpo": "kto" if cfg.dpo.loss == "kto" else "dpo", "grpo": "grpo"}.get(cfg.recipe, "sft")
         values = dict(
             seq=seq,
             batch=batch,
@@ -125,10 +150,14 @@ class PlanInput:
             dtype=cfg.model.dtype,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             checkpoint_every=cfg.train.checkpoint_every,
-            loss="chunked" if cfg.train.chunked_loss else "fused",
+            loss="chunked" if cfg.train.chunked_loss and method == "sft" else "fused",
             gpus=int(os.environ.get("WORLD_SIZE", "1")),  # under torchrun / accelerate: plan per GPU
             sharding="fsdp" if cfg.train.fsdp else "ddp",
+            method=method,
+            grad_accum=cfg.train.grad_accum,
         )
+        if method == "grpo":
+            values.update(group_size=cfg.grpo.group_size, gen_tokens=cfg.grpo.max_new_tokens, beta=cfg.grpo.beta)
         return cls(**{**values, **overrides})
 
     def __post_init__(self) -> None:
@@ -138,6 +167,9 @@ class PlanInput:
             ("lora_r", "--lora-r"),
             ("gpus", "--gpus"),
             ("checkpoint_every", "--checkpoint-every"),
+            ("group_size", "--group-size"),
+            ("gen_tokens", "--gen-tokens"),
+            ("grad_accum", "--grad-accum"),
         ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -147,13 +179,33 @@ class PlanInput:
             ("optim", ("adamw", "adamw8bit", "paged_adamw8bit")),
             ("dtype", tuple(DTYPE_BYTES)),
             ("sharding", ("ddp", "fsdp")),
-            ("loss", ("chunked", "fused", "full")),
+            ("loss", ("chunked", "fused", "full", None)),
+            ("method", METHODS),
+            ("lora_dtype", ("fp32", "bf16", None)),
         ):
             if getattr(self, key) not in options:
-                raise PlanError(f"--{key} must be one of {', '.join(options)}; got {getattr(self, key)!r}")
+                shown = ", ".join(o for o in options if o is not None)
+                raise PlanError(f"--{key.replace('_', '-')} must be one of {shown}; got {getattr(self, key)!r}")
+        if self.loss is None:
+            self.loss = "chunked" if self.method == "sft" else "fused"
+        elif self.method != "sft" and self.loss != "fused":
+            raise PlanError(
+                f"--method {self.method} runs trl's fused LM head, not the {self.loss} loss "
+                "(--chunked-loss applies to --method sft)"
+            )
+        if self.lora_dtype is None:  # trl 1.16's DPO/KTO/GRPO trainers: bf16 LoRA weights on a quantized base
+            self.lora_dtype = "bf16" if self.method != "sft" and self.quant != "none" else "fp32"
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
+            raise PlanError(f"--beta must be a number >= 0, got {self.beta!r}")
+        if self.method == "grpo" and self.group_size < 2:
+            raise PlanError(
+                f"--group-size must be at least 2 (GRPO compares completions of a prompt), got {self.group_size}"
+            )
         tt = self.trained_tokens
         if tt is not None and (not isinstance(tt, int) or isinstance(tt, bool) or tt <= 0):
             raise PlanError(f"--trained-tokens must be a positive integer, got {tt!r}")
+        if tt is not None and self.method == "grpo":
+            raise PlanError("--trained-tokens: GRPO trains the sampled completions; set --gen-tokens instead")
         if self.targets == ["all-linear"]:
             self.targets = "all-linear"
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -184,6 +236,7 @@ class Plan:
     max_seq: int | None = None  # longest seq that fits at this batch (None without vram)
     max_batch: int | None = None  # largest batch that fits at this seq (None without vram)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)  # GRPO: {"generation": total, "training": total}
 
     @property
     def total(self) -> int:
@@ -201,6 +254,11 @@ class Plan:
         return self.total - CUDA_CONTEXT - self.paged
 
     @property
+    def reference(self) -> int:
+        """Bytes of trl's frozen fp32 copy of the adapter (DPO, KTO; GRPO with beta > 0), in "LoRA parameters"."""
+        return 4 * self.lora_params if reference_adapter(self.input) else 0
+
+    @property
     def fits(self) -> bool | None:
         return None if self.vram is None else self.total <= self.vram
 
@@ -215,12 +273,13 @@ class Plan:
             "peak_reserved": self.peak_reserved,
             "reported_weights": self.reported_weights,
             "paged_optimizer_states": self.paged,
-            "trained_positions": trained_positions(self.input),
+            "trained_positions": trained_positions(training_input(self.input)),
             "lora_params": self.lora_params,
             "vram": self.vram,
             "fits": self.fits,
             "max_seq": self.max_seq,
             "max_batch": self.max_batch,
+            "phases": dict(self.phases),
             "notes": list(self.notes),
         }
 
@@ -235,8 +294,11 @@ class Plan:
             + (f"; per GPU of {inp.gpus} ({inp.sharding})" if inp.gpus > 1 else ""),
             f"LoRA r={inp.lora_r} on {targets}: {self.lora_params:,} trainable parameters",
             f"loss: {_loss_line(inp)}",
-            "",
         ]
+        method = method_line(inp, self.phases, self.reference)
+        if method:
+            lines.append(f"method: {method}")
+        lines.append("")
         width = max(map(len, COMPONENTS))
         for name in COMPONENTS:
             lines.append(f"  {name:<{width}}  {_gib(self.breakdown[name]):>11}")
@@ -258,11 +320,14 @@ class Plan:
 
 
 def _loss_line(inp: PlanInput) -> str:
-    trained = "every position" if inp.trained_tokens is None else f"{inp.trained_tokens:,} trained positions"
+    trained_inp = training_input(inp)  # the rows trained with grad: DPO's 2 x batch, GRPO's sampled positions
+    tt = trained_inp.trained_tokens
+    trained = "every position" if tt is None else f"{tt:,} trained positions"
     if inp.loss == "full":
         return f"transformers' own, fp32 logits at every position ({inp.seq * inp.batch:,})"
     what = "chunked fp32 cross-entropy" if inp.loss == "chunked" else "trl's fused LM head"
-    return f"{what}, logits at {trained} of each example ({trained_positions(inp):,} per micro-batch)"
+    row = "example" if inp.method == "sft" else "row"
+    return f"{what}, logits at {trained} of each {row} ({trained_positions(trained_inp):,} per micro-batch)"
 
 
 def _count(n: int | None) -> str:
@@ -293,7 +358,7 @@ def estimate(arch: dict, inp: PlanInput) -> Plan:
     Raises:
         PlanError: a target module the architecture does not have.
     """
-    parts, lora_params, paged = _breakdown(arch, inp)
+    parts, lora_params, paged, phases = _breakdown(arch, inp)
     plan = Plan(
         arch=arch["name"],
         input=inp,
@@ -302,6 +367,7 @@ def estimate(arch: dict, inp: PlanInput) -> Plan:
         reported_weights=weight_bytes(arch, inp.quant, inp.double_quant, inp.dtype),
         paged=paged,
         vram=inp.vram,
+        phases=phases,
     )
     if inp.vram is not None:
         plan.max_seq = _largest(lambda s: _total(arch, dataclasses.replace(inp, seq=s)) <= inp.vram)
@@ -323,6 +389,13 @@ def estimate(arch: dict, inp: PlanInput) -> Plan:
         plan.notes.append(f"model_type {arch['model_type']!r} is treated as llama-like; its numbers are unverified")
     if arch["model_type"] == "gemma2":
         plan.notes.append("gemma2 runs eager attention (SDPA cannot soft-cap): activations grow with seq^2")
+    if inp.method == "kto" and inp.batch < 2:
+        plan.notes.append("trl's KTO needs --batch >= 2: its KL term pairs each completion with a neighbour's prompt")
+    if inp.method == "grpo" and (inp.batch * inp.grad_accum) % inp.group_size:
+        plan.notes.append(
+            f"trl's GRPO needs --batch x --grad-accum ({inp.batch} x {inp.grad_accum}) to be a multiple of "
+            f"--group-size {inp.group_size}: each prompt's completions are sampled together"
+        )
     if paged:
         plan.notes.append(
             f"paged_adamw8bit: {_gib(paged)} of the optimizer states are in CUDA unified memory, counted here on "
@@ -336,8 +409,9 @@ def fit_to_vram(arch: dict, inp: PlanInput, vram: int) -> tuple[PlanInput, int]:
     """Choose micro-batch, gradient accumulation and checkpointing so the run fits in `vram`.
 
     The effective batch (`micro-batch x grad_accum`) stays `inp.batch`, so the micro-batch is a
-    divisor of it. Checkpointing off is preferred (it is faster) when it fits; then the largest
-    micro-batch. Returns the micro-batch PlanInput (with `vram` set) and grad_accum.
+    divisor of it (and GRPO's generation batch stays `inp.batch` rows). Checkpointing off is preferred
+    (it is faster) when it fits; then the largest micro-batch. Returns the micro-batch PlanInput (with
+    `vram` and `grad_accum` set) and grad_accum.
 
     Raises:
         PlanError: not even micro-batch 1 with checkpointing fits; the message gives the
@@ -349,11 +423,16 @@ def fit_to_vram(arch: dict, inp: PlanInput, vram: int) -> tuple[PlanInput, int]:
     for checkpointing in (False, True):
         for micro in divisors:
             candidate = dataclasses.replace(
-                inp, batch=micro, gradient_checkpointing=checkpointing, checkpoint_every=1, vram=vram
+                inp,
+                batch=micro,
+                grad_accum=inp.batch // micro,
+                gradient_checkpointing=checkpointing,
+                checkpoint_every=1,
+                vram=vram,
             )
             if _total(arch, candidate) <= vram:
                 return candidate, inp.batch // micro
-    one = dataclasses.replace(inp, batch=1, gradient_checkpointing=True, checkpoint_every=1, vram=vram)
+    one = dataclasses.replace(frugal(inp), grad_accum=inp.batch, vram=vram)
     longest = _largest(lambda s: _total(arch, dataclasses.replace(one, seq=s)) <= vram)
     if longest == 0:
         need = _gib(_total(arch, dataclasses.replace(one, seq=1)))
@@ -368,8 +447,11 @@ def fit_to_vram(arch: dict, inp: PlanInput, vram: int) -> tuple[PlanInput, int]:
 
 
 def frugal(inp: PlanInput) -> PlanInput:
-    """`inp` at its least memory without changing what is trained: micro-batch 1, every layer checkpointed."""
-    return dataclasses.replace(inp, batch=1, gradient_checkpointing=True, checkpoint_every=1)
+    """`inp` at its least memory without changing what is trained: micro-batch 1, every layer checkpointed (the
+    gradient accumulation that keeps the effective batch, which GRPO samples at once)."""
+    return dataclasses.replace(
+        inp, batch=1, grad_accum=inp.batch * inp.grad_accum, gradient_checkpointing=True, checkpoint_every=1
+    )
 
 
 def refuse_too_small(arch: dict, inp: PlanInput) -> None:
