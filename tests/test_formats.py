@@ -104,6 +104,19 @@ def test_every_format_trains_exactly_its_answer_and_one_eos(smollm2_tokenizer, t
         assert all(lab == IGNORE for lab in ex.labels[: len(ex.prompt_ids)])
 
 
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+@pytest.mark.parametrize("field", ["completion", "text"])
+def test_a_text_that_ends_in_the_eos_text_ends_in_one_eos(smollm2_tokenizer, tmp_path, field, loss_on):
+    """A completion (or text) written with the EOS text at its end is not given a second EOS."""
+    tok = smollm2_tokenizer
+    record = {"prompt": "Two plus two is", "completion": " four" + tok.eos_token}
+    record = record if field == "completion" else {"text": "just some text" + tok.eos_token}
+    (ex,), _ = load(tmp_path, tok, [record], loss_on=loss_on)
+    answer = " four" if field == "completion" else "just some text"
+    assert trained_ids(ex)[-len(replies(tok, answer)) :] == replies(tok, answer)
+    assert ex.input_ids.count(tok.eos_token_id) == 1 and ex.input_ids[-1] == ex.labels[-1] == tok.eos_token_id
+
+
 def test_the_mask_equals_the_tokenizers_own_assistant_mask_under_a_generation_template(smollm2_tokenizer):
     """Where a template marks the assistant's tokens ({% generation %}), transformers returns its own mask:
     qtune's must be the same, token for token."""

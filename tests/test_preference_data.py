@@ -150,7 +150,7 @@ def test_columns_map_the_files_own_fields(chatml_tokenizer, tmp_path):
         columns={"prompt": "question", "chosen": "good", "rejected": "poor"},
     )
     assert mapped == plain
-    with pytest.raises(ConfigError, match="data.columns.answer: no such preference field"):
+    with pytest.raises(ConfigError, match="data.columns.answer: no such field; map one of prompt, chosen, rejected"):
         load(load_pairs, tmp_path, tok, [{"prompt": "a"}], columns={"answer": "x"})
     message = error_of(load_pairs, tmp_path, tok, [{"prompt": "a", "chosen": "b"}], columns={"rejected": "worse"})
     assert "row 1: no column data.columns.rejected=worse" in message
@@ -268,14 +268,14 @@ def test_file_level_errors(chatml_tokenizer, tmp_path):
 def test_a_template_that_rewrites_history_is_named_by_row(chatml_tokenizer, tmp_path, monkeypatch):
     from qtune.data import preference
 
-    split = preference._split
+    split = preference.split_ids
     calls = iter(range(10))  # the second reply's prompt comes back different, as under such a template
 
     def rewriting(tokenizer, prompt, reply, max_tokens):
         prompt_ids, completion = split(tokenizer, prompt, reply, max_tokens)
         return (prompt_ids + [0] if next(calls) % 2 else prompt_ids), completion
 
-    monkeypatch.setattr(preference, "_split", rewriting)
+    monkeypatch.setattr(preference, "split_ids", rewriting)
     message = error_of(load_pairs, tmp_path, chatml_tokenizer, [{"prompt": "a", "chosen": " b", "rejected": " c"}])
     assert "row 1: field `rejected`: the prompt tokenizes differently before it than before `chosen`" in message
 

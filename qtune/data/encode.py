@@ -181,8 +181,12 @@ def encode(tokenizer, record: dict, loss_on: str = "assistant", max_tokens: int 
     ids: list[int] = []
     labels: list[int] = []
     reply_start = None
+    eos = tokenizer.eos_token_id
     for text, trained in segments:
-        piece = next(tokenized) if text else ([tokenizer.eos_token_id] if trained else [])
+        if text:
+            piece = next(tokenized)
+        else:  # the reply's EOS, unless its own text ended in it (a completion written with it): one EOS, not two
+            piece = [eos] if trained and not (ids and ids[-1] == eos) else []
         if trained and text:
             reply_start = len(ids)
         ids.extend(piece)

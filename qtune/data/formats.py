@@ -75,13 +75,15 @@ def _field_names(record: dict, most: int = 20) -> str:
     return "[" + ", ".join(shown(n) for n in names[:most]) + more + "]"
 
 
-def check_columns(columns: dict[str, str]) -> dict[str, str]:
-    """data.columns checked: each key a field of some format (or `response`); an unknown one is a ConfigError."""
+def check_columns(columns: dict[str, str], fields: tuple[str, ...] = COLUMN_FIELDS) -> dict[str, str]:
+    """data.columns checked: each key one of `fields` (by default the SFT formats'), or `response` standing for the
+    answer (`completion`); an unknown one is a ConfigError naming the fields there are."""
     for name in columns:
-        if _ALIASES.get(name, name) not in COLUMN_FIELDS:
+        if _ALIASES.get(name, name) not in fields:
+            alias = " (or response)" if "completion" in fields else ""
             raise ConfigError(
-                f"data.columns.{name}: no such field; map one of {', '.join(COLUMN_FIELDS)} (or response) "
-                "to your file's column, e.g. data.columns={{prompt: question, completion: answer}}"
+                f"data.columns.{name}: no such field; map one of {', '.join(fields)}{alias} "
+                "to your file's column, e.g. data.columns={prompt: question, completion: answer}"
             )
     return dict(columns)
 
@@ -117,10 +119,9 @@ def _sharegpt_key(record: dict) -> str:
     return "conversations" if "conversations" in record else "messages"
 
 
-def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | None:
+def sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | None:
     """A ShareGPT conversation as chat messages, or None with the first problem added to `errors`."""
     key = _sharegpt_key(record)
-    turns = record.get(key)
     messages = []
     system = record.get("system")
     if system is not None and not isinstance(system, str):
@@ -128,8 +129,8 @@ def _sharegpt_turns(record: dict, row: int, errors: list[str]) -> list[dict] | N
         return None
     if system and system.strip():
         messages.append({"role": "system", "content": system})
-    turns = _turns(turns, key, errors, row, sharegpt=True)
-    return None if turns is None else messages + turns
+    found = turns(record.get(key), key, errors, row, sharegpt=True)
+    return None if found is None else messages + found
 
 
 def detect_format(row: int, first: Any, file: str) -> str:
@@ -155,7 +156,9 @@ def detect_format(row: int, first: Any, file: str) -> str:
 # Validation: turn a raw record into messages / prompt+completion / text, or say exactly what is wrong
 
 
-def _text_field(record: dict, key: str, errors: list[str], row: int, optional: bool = False) -> str | None:
+def text_field(record: dict, key: str, errors: list[str], row: int, optional: bool = False) -> str | None:
+    """A record's text field, or None with its problem (missing, not text, empty) added to `errors`; an optional
+    one may be absent or empty."""
     if key not in record or record[key] is None:
         if not optional:
             errors.append(f"row {row}: field `{key}` is missing")
@@ -186,7 +189,7 @@ def _tool_calls_ok(calls: Any, role: str, where: str, errors: list[str], row: in
     return True
 
 
-def _turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) -> list[dict] | None:
+def turns(value: Any, key: str, errors: list[str], row: int, sharegpt: bool) -> list[dict] | None:
     """Chat messages ({role, content}) or ShareGPT turns ({from, value}) as chat messages, or None with the
     first problem added to `errors`."""
     role_key, text_key, other = ("from", "value", "role") if sharegpt else ("role", "content", "from")
@@ -240,21 +243,21 @@ def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
         return None
     n = len(errors)
     if fmt == "sharegpt":
-        messages = _sharegpt_turns(record, row, errors)
+        messages = sharegpt_turns(record, row, errors)
         if messages is not None and not any(m["role"] == "assistant" for m in messages):
             errors.append(
                 f"row {row}: field `{_sharegpt_key(record)}` has no assistant (gpt) turn, so nothing to learn"
             )
         return {"messages": messages} if len(errors) == n else None
     if fmt == "chat":
-        messages = _turns(record.get("messages"), "messages", errors, row, sharegpt=False)
+        messages = turns(record.get("messages"), "messages", errors, row, sharegpt=False)
         if messages is not None and not any(m["role"] == "assistant" for m in messages):
             errors.append(f"row {row}: field `messages` has no assistant message, so nothing to learn")
         return {"messages": messages} if len(errors) == n else None
     if fmt == "alpaca":
-        instruction = _text_field(record, "instruction", errors, row)
-        extra = _text_field(record, "input", errors, row, optional=True)
-        output = _text_field(record, "output", errors, row)
+        instruction = text_field(record, "instruction", errors, row)
+        extra = text_field(record, "input", errors, row, optional=True)
+        output = text_field(record, "output", errors, row)
         if len(errors) > n:
             return None
         user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
@@ -263,11 +266,11 @@ def validate(record: Any, fmt: str, row: int, errors: list[str]) -> dict | None:
     if fmt == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
-            p = _turns(prompt, "prompt", errors, row, sharegpt=False)
-            c = _turns(completion, "completion", errors, row, sharegpt=False)
+            p = turns(prompt, "prompt", errors, row, sharegpt=False)
+            c = turns(completion, "completion", errors, row, sharegpt=False)
             return {"messages": p + c, "n_prompt": len(p)} if len(errors) == n else None
-        prompt = _text_field(record, "prompt", errors, row)
-        completion = _text_field(record, "completion", errors, row)
+        prompt = text_field(record, "prompt", errors, row)
+        completion = text_field(record, "completion", errors, row)
         return {"prompt": prompt, "completion": completion} if len(errors) == n else None
-    text = _text_field(record, "text", errors, row)
+    text = text_field(record, "text", errors, row)
     return {"text": text} if len(errors) == n else None

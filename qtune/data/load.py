@@ -74,9 +74,8 @@ def _encode_batch(batch: dict[str, list], tokenizer, loss_on: str, max_length: i
         if len(ex.input_ids) > max_length:
             if overlong == "reject":
                 status = FAILED
-                count = len(ex.input_ids) if len(ex.input_ids) <= counted else f"more than {counted}"
                 error = (
-                    f"{count} tokens is over data.max_length={max_length} "
+                    f"{token_count(len(ex.input_ids), max_length)} tokens is over data.max_length={max_length} "
                     "(raise data.max_length, or set data.overlong=truncate)"
                 )
             else:
@@ -97,6 +96,11 @@ OK, TRUNCATED, DROPPED, FAILED = 0, 1, 2, 3
 # A record is tokenized to at most COUNTED x data.max_length tokens (its count in a data.overlong=reject error is
 # exact up to there): a 50 MB one tokenized whole would take gigabytes, to be cut to data.max_length anyway.
 COUNTED = 8
+
+
+def token_count(n: int, max_length: int) -> str:
+    """A record's token count for an error message: exact up to what was tokenized (COUNTED x data.max_length)."""
+    return str(n) if n <= COUNTED * max_length else f"more than {COUNTED * max_length}"
 
 
 def _tokenized_features():
@@ -184,7 +188,7 @@ def _validated(src: SourceConfig, cfg: DataConfig, report: DataReport, folder: P
     return path
 
 
-def _alpaca_template(tokenizer) -> None:
+def alpaca_template(tokenizer) -> None:
     """A base without a chat template renders Alpaca records with the named `alpaca` template; set on the tokenizer,
     it is stored with the adapter, so generate, eval, serve and export prompt as training did."""
     apply_template(tokenizer, "alpaca")
@@ -206,7 +210,7 @@ def load_examples(source: str | Path | SourceConfig, tokenizer, cfg: DataConfig,
     folder = scratch(file)
     records = datasets.Dataset.from_file(str(_validated(src, cfg, report, folder, bool(tokenizer.chat_template))))
     if report.format == "alpaca" and not tokenizer.chat_template:
-        _alpaca_template(tokenizer)
+        alpaca_template(tokenizer)
     report.fingerprint = fingerprint_data(file)
     big = len(records) >= BIG
     procs = cfg.num_proc or (min(8, len(os.sched_getaffinity(0))) if big else 1)

@@ -1,6 +1,7 @@
-"""Preference data for DPO, KTO and GRPO: read pairs (prompt, chosen, rejected), judged completions (prompt,
-completion, good or bad) or bare prompts, validate every record, and tokenize each prompt + reply as SFT does
-(`encode`), so BOS, EOS and the prompt's tokens are exactly the ones SFT training and generation use.
+"""Preference data for DPO and KTO: read pairs (prompt, chosen, rejected) or judged completions (prompt,
+completion, good or bad), validate every record, and tokenize each prompt + reply as SFT does (`encode`), so BOS,
+EOS and the prompt's tokens are exactly the ones SFT training and generation use. GRPO's prompts are prompts.py,
+which reads and tokenizes with the public helpers here.
 
   pairs            {"prompt": str, "chosen": str, "rejected": str}
   pairs-chat       {"prompt": [messages] | str, "chosen": [assistant messages] | str, "rejected": ...}
@@ -17,26 +18,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qtune.config import DataConfig, SourceConfig
 from qtune.data.encode import IGNORE, encode
-from qtune.data.formats import (
-    _sharegpt_turns,
-    _text_field,
-    _turns,
-    check_columns,
-    column_fields,
-    detect_format,
-    rename_record,
-    shown,
-    validate,
-)
-from qtune.data.load import COUNTED, DataReport, _alpaca_template
+from qtune.data.formats import check_columns, column_fields, rename_record, sharegpt_turns, shown, text_field, turns
+from qtune.data.load import COUNTED, DataReport, token_count
 from qtune.data.read import Bad, fingerprint_data, iter_records, raise_all
+from qtune.data.sources import combined_report
 from qtune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from qtune.data.prompts import Prompted
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "system")
 CHAT_FORMS = ("pairs-chat", "pairs-implicit", "pairs-sharegpt", "unpaired-chat")
@@ -66,16 +62,6 @@ class Judged:
 
 
 @dataclass
-class Prompted:
-    """One GRPO prompt: as trl's generation takes it (text, or chat messages) and how long it tokenizes."""
-
-    row: int
-    prompt: str | list[dict]
-    reference: str | None
-    prompt_ids: list[int]
-
-
-@dataclass
 class _Record:
     """A validated preference record: its prompt and replies as text, or as chat messages."""
 
@@ -99,8 +85,9 @@ def _sources(source: Source, cfg: DataConfig) -> list[SourceConfig]:
     return sources
 
 
-def _mapped(src: SourceConfig, columns: dict[str, str], errors: list[str]) -> list[tuple[int, Any]]:
-    """A source's records with data.columns applied; an unreadable row is added to `errors`."""
+def mapped_records(src: SourceConfig, columns: dict[str, str], errors: list[str]) -> list[tuple[int, Any]]:
+    """A source's records as (row, record), with data.columns (`columns`, checked) applied; an unreadable row is
+    added to `errors`."""
     fields, out = None, []
     for row, record in iter_records(src.path):
         if isinstance(record, Bad):
@@ -112,16 +99,6 @@ def _mapped(src: SourceConfig, columns: dict[str, str], errors: list[str]) -> li
     if not out and not errors:
         raise DataError(f"{src.path}: holds no records")
     return out
-
-
-def _preference_columns(columns: dict[str, str]) -> dict[str, str]:
-    """data.columns for preference data: `formats.check_columns` knows only the SFT fields."""
-    for name in columns:
-        if name not in PREFERENCE_FIELDS:
-            raise ConfigError(
-                f"data.columns.{name}: no such preference field; map one of {', '.join(PREFERENCE_FIELDS)}"
-            )
-    return dict(columns)
 
 
 def _form(row: int, first: Any, file: str) -> str:
@@ -157,29 +134,30 @@ def _form(row: int, first: Any, file: str) -> str:
 def _messages(value: Any, key: str, row: int, errors: list[str]) -> list[dict] | None:
     """Chat messages or ShareGPT turns (told apart by `from`), one turn given alone ({from: gpt, value}) too."""
     one = isinstance(value, dict)
-    turns = [value] if one else value
-    sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+    given = [value] if one else value
+    sharegpt = isinstance(given, list) and bool(given) and isinstance(given[0], dict) and "from" in given[0]
     n = len(errors)
-    messages = _turns(turns, key, errors, row, sharegpt=sharegpt)
+    messages = turns(given, key, errors, row, sharegpt=sharegpt)
     if one:  # name the field as the file has it: `chosen.value`, not `chosen[0].value`
         errors[n:] = [e.replace(f"`{key}[0]", f"`{key}") for e in errors[n:]]
     return messages
 
 
-def _field(record: dict, key: str, role: str, chat: bool, row: int, errors: list[str]) -> str | list[dict] | None:
-    """A prompt or reply field: text, or in a chat record messages (a text there is one message of `role`)."""
+def record_field(record: dict, key: str, role: str, chat: bool, row: int, errors: list[str]) -> str | list[dict] | None:
+    """A prompt or reply field: text, or in a chat record messages (a text there is one message of `role`); None
+    with its problem added to `errors`."""
     value = record.get(key)
     if chat and isinstance(value, (list, dict)):
         return _messages(value, key, row, errors)
     if isinstance(value, list):
         errors.append(f"row {row}: field `{key}` is a list of messages in a file of text records: {ONE_FORM}")
         return None
-    text = _text_field(record, key, errors, row)
+    text = text_field(record, key, errors, row)
     return [{"role": role, "content": text}] if chat and text is not None else text
 
 
 def _reply(record: dict, key: str, chat: bool, row: int, errors: list[str]) -> str | list[dict] | None:
-    reply = _field(record, key, "assistant", chat, row, errors)
+    reply = record_field(record, key, "assistant", chat, row, errors)
     if isinstance(reply, list) and reply[-1]["role"] != "assistant":
         errors.append(f"row {row}: field `{key}` must end in an assistant message, got {reply[-1]['role']}")
         return None
@@ -221,10 +199,10 @@ def _validated(record: Any, form: str, row: int, errors: list[str], system: str 
     if form == "pairs-implicit":
         prompt, chosen, rejected = _implicit(record, row, errors) or (None, None, None)
     elif form == "pairs-sharegpt":
-        prompt = _sharegpt_turns(record, row, errors)
+        prompt = sharegpt_turns(record, row, errors)
         chosen, rejected = (_reply(record, k, True, row, errors) for k in ("chosen", "rejected"))
     else:
-        prompt = _field(record, "prompt", "user", chat, row, errors)
+        prompt = record_field(record, "prompt", "user", chat, row, errors)
         if form.startswith("unpaired"):
             chosen, rejected = _reply(record, "completion", chat, row, errors), None
             label = _label(record, row, errors)
@@ -236,10 +214,10 @@ def _validated(record: Any, form: str, row: int, errors: list[str], system: str 
         errors.append(f"row {row}: fields `chosen` and `rejected` are the same reply: nothing to prefer")
         return None
     replies = {"completion": chosen} if rejected is None else {"chosen": chosen, "rejected": rejected}
-    return _Record(row, _with_system(prompt, system), replies, label)
+    return _Record(row, with_system(prompt, system), replies, label)
 
 
-def _with_system(prompt: str | list[dict], system: str | None) -> str | list[dict]:
+def with_system(prompt: str | list[dict], system: str | None) -> str | list[dict]:
     """data.system_prompt put before chat messages that have no system message (as load.py does); text as is."""
     if isinstance(prompt, list) and system and prompt[0]["role"] != "system":
         return [{"role": "system", "content": system}, *prompt]
@@ -257,21 +235,14 @@ def _sft_record(prompt: str | list[dict], reply: str | list[dict]) -> dict:
     return {"prompt": prompt, "completion": reply}
 
 
-def _split(tokenizer, prompt: str | list[dict], reply: str | list[dict], max_tokens: int | None) -> tuple[list, list]:
+def split_ids(
+    tokenizer, prompt: str | list[dict], reply: str | list[dict], max_tokens: int | None
+) -> tuple[list, list]:
     """(prompt ids, completion ids) of a prompt and a reply: the ids before the first trained one, and those from it
     to the last trained one, so the completion ends in its EOS and the template's text after it is dropped."""
     ex = encode(tokenizer, _sft_record(prompt, reply), max_tokens=max_tokens)
     trained = [i for i, label in enumerate(ex.labels) if label != IGNORE]
-    completion = ex.input_ids[trained[0] : trained[-1] + 1]
-    eos = tokenizer.eos_token_id
-    while len(completion) > 1 and completion[-1] == completion[-2] == eos:
-        completion.pop()  # a text reply that ends in the EOS text itself, and encode's EOS after it: one EOS
-    return ex.input_ids[: trained[0]], completion
-
-
-def _count(n: int, limit: int) -> str:
-    """A token count for an error: exact up to what was tokenized (COUNTED x data.max_length, as load.py)."""
-    return str(n) if n <= COUNTED * limit else f"more than {COUNTED * limit}"
+    return ex.input_ids[: trained[0]], ex.input_ids[trained[0] : trained[-1] + 1]
 
 
 def _fitted(prompt_ids: list[int], completion: list[int], cfg: DataConfig, field: str) -> tuple[list[int], bool]:
@@ -282,12 +253,12 @@ def _fitted(prompt_ids: list[int], completion: list[int], cfg: DataConfig, field
         return completion, False
     if len(prompt_ids) >= limit:
         raise DataError(
-            f"field `prompt` alone is {_count(len(prompt_ids), limit)} tokens, data.max_length={limit}: nothing of "
-            f"`{field}` is left to train (shorten the prompt, or raise data.max_length)"
+            f"field `prompt` alone is {token_count(len(prompt_ids), limit)} tokens, data.max_length={limit}: "
+            f"nothing of `{field}` is left to train (shorten the prompt, or raise data.max_length)"
         )
     if cfg.overlong == "reject":
         raise DataError(
-            f"fields `prompt` + `{field}` are {_count(total, limit)} tokens, over data.max_length={limit} "
+            f"fields `prompt` + `{field}` are {token_count(total, limit)} tokens, over data.max_length={limit} "
             "(raise data.max_length, or set data.overlong=truncate)"
         )
     return completion[: limit - len(prompt_ids)], True
@@ -297,7 +268,7 @@ def _tokenized(tokenizer, record: _Record, cfg: DataConfig) -> tuple[list[int], 
     """The record's prompt ids, each reply's completion ids fitted to data.max_length, and whether any was cut."""
     prompt_ids, completions, cut = None, {}, False
     for field, reply in record.replies.items():
-        ids, completion = _split(tokenizer, record.prompt, reply, COUNTED * cfg.max_length)
+        ids, completion = split_ids(tokenizer, record.prompt, reply, COUNTED * cfg.max_length)
         if prompt_ids is not None and ids != prompt_ids:  # DPO needs one prompt for both replies
             raise DataError(
                 f"field `{field}`: the prompt tokenizes differently before it than before `chosen`, as a chat "
@@ -322,7 +293,7 @@ class _Encoded:
     answer: str | None
 
 
-def _seen_before(record: Any, seen: set[bytes]) -> bool:
+def seen_before(record: Any, seen: set[bytes]) -> bool:
     """Whether an identical record came earlier (counted in the report, as load.py counts them; kept)."""
     key = hashlib.blake2b(json.dumps(record, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
     found = key in seen
@@ -341,7 +312,7 @@ def _load_source(src: SourceConfig, tokenizer, cfg: DataConfig, paired: bool) ->
             f"data.format={src.format} is an SFT format; preference data is recognised from its fields: leave it auto"
         )
     errors: list[str] = []
-    rows = _mapped(src, _preference_columns(src.columns or {}), errors)
+    rows = mapped_records(src, check_columns(src.columns or {}, PREFERENCE_FIELDS), errors)
     report = DataReport(file=src.path, format=_form(*rows[0], src.path) if rows else "")
     if paired and report.format.startswith("unpaired"):
         raise DataError(f"{src.path}: unpaired records (prompt, completion, label) train with dpo.loss=kto only")
@@ -356,7 +327,7 @@ def _load_source(src: SourceConfig, tokenizer, cfg: DataConfig, paired: bool) ->
         record = _validated(raw, report.format, row, errors, cfg.system_prompt)
         if record is None:
             continue
-        report.duplicates += _seen_before(raw, seen)
+        report.duplicates += seen_before(raw, seen)
         try:
             prompt_ids, completions, cut = _tokenized(tokenizer, record, cfg)
         except DataError as e:
@@ -374,23 +345,11 @@ def _load_source(src: SourceConfig, tokenizer, cfg: DataConfig, paired: bool) ->
     return out, report
 
 
-def _combined(reports: list[DataReport], sources: list[SourceConfig]) -> DataReport:
-    """One report over several sources (as sources.load_train writes it), each source's own under `sources`."""
-    if len(reports) == 1:
-        return reports[0]
-    total = DataReport(
-        file=" + ".join(r.file for r in reports), format="+".join(dict.fromkeys(r.format for r in reports))
-    )
-    fingerprints = json.dumps([[r.fingerprint, s.columns] for r, s in zip(reports, sources)], sort_keys=True)
-    total.fingerprint = "sha256:" + hashlib.sha256(fingerprints.encode()).hexdigest()
-    for name in ("records", "examples", "truncated", "duplicates", "tokens", "trained_tokens"):
-        setattr(total, name, sum(getattr(r, name) for r in reports))
-    total.sources = [{**dataclasses.asdict(r), "weight": s.weight, "cap": s.cap} for r, s in zip(reports, sources)]
-    return total
-
-
-def _each_source(source, cfg: DataConfig, load_one) -> tuple[list, DataReport]:
-    """`load_one(src)` over every source, its errors prefixed with data.train[i] where there are several."""
+def each_source(
+    source: Source, cfg: DataConfig, load_one: Callable[[SourceConfig], tuple[list, DataReport]]
+) -> tuple[list, DataReport]:
+    """`load_one(src)` over every source, in order: all their items, and one report (`combined_report` where there
+    are several, each source's errors then prefixed with its data.train[i])."""
     sources = _sources(source, cfg)
     items, reports = [], []
     for i, src in enumerate(sources):
@@ -402,13 +361,13 @@ def _each_source(source, cfg: DataConfig, load_one) -> tuple[list, DataReport]:
             raise DataError(f"data.train[{i}] {e}") from None
         items += loaded
         reports.append(report)
-    return items, _combined(reports, sources)
+    return items, reports[0] if len(reports) == 1 else combined_report(reports, sources)
 
 
 def _load(source, tokenizer, cfg: DataConfig, paired: bool) -> tuple[list[_Encoded], DataReport]:
     if cfg.loss_on != "assistant":
         raise ConfigError(f"data.loss_on={cfg.loss_on} is for SFT; preference losses score the completions only")
-    return _each_source(source, cfg, lambda src: _load_source(src, tokenizer, cfg, paired))
+    return each_source(source, cfg, lambda src: _load_source(src, tokenizer, cfg, paired))
 
 
 def load_pairs(source: Source, tokenizer, cfg: DataConfig) -> tuple[list[Pair], DataReport]:
@@ -454,139 +413,6 @@ def longest(item: Pair | Judged | Prompted) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO prompts, from SFT records
-
-
-PROMPT_FIELD = {"chat": "messages", "sharegpt": "conversations", "alpaca": "instruction"}  # else `prompt`
-
-
-def _prompt_format(row: int, first: Any, file: str, fmt: str) -> str:
-    """An SFT format (`detect_format`), or `prompt`: a prompt without a completion, the reference being optional."""
-    if fmt == "auto" and isinstance(first, dict) and "prompt" in first and "completion" not in first:
-        return "prompt"
-    fmt = detect_format(row, first, file) if fmt == "auto" else fmt
-    if fmt == "text":
-        raise DataError(
-            f"{file}: text records hold no prompt to generate from; GRPO reads chat, sharegpt, alpaca or "
-            "prompt(+completion) records"
-        )
-    return fmt
-
-
-def _before_reply(messages: list[dict] | None) -> tuple:
-    """(the messages before the last one, its content) where the last is an assistant reply, else (all, None)."""
-    if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], messages[-1]["content"]
-    return messages, None
-
-
-def _generation_prompt(record: Any, fmt: str, chat: bool, row: int, errors: list[str]) -> tuple | None:
-    """(prompt, reference) of one SFT record: the conversation before its last assistant reply and that reply (a
-    conversation that ends on another turn is all prompt), or the prompt and its completion; None with errors."""
-    if not isinstance(record, dict):
-        errors.append(f"row {row}: a record must be an object with named fields, got {type(record).__name__}")
-        return None
-    if fmt in ("prompt", "prompt_completion") and record.get("completion") is None:
-        prompt, reference = _field(record, "prompt", "user", chat, row, errors), None
-    elif fmt == "chat":
-        prompt, reference = _before_reply(_turns(record.get("messages"), "messages", errors, row, sharegpt=False))
-    elif fmt == "sharegpt":
-        prompt, reference = _before_reply(_sharegpt_turns(record, row, errors))
-    else:
-        norm = validate(record, fmt, row, errors) or {}
-        if "prompt" in norm:
-            prompt, reference = norm["prompt"], norm["completion"]
-        elif "n_prompt" in norm:
-            cut = norm["n_prompt"]
-            prompt, reference = norm["messages"][:cut], _answer(norm["messages"][cut:])
-        else:
-            prompt, reference = _before_reply(norm.get("messages"))
-    field = PROMPT_FIELD.get(fmt, "prompt")
-    if isinstance(prompt, list) and not chat:
-        errors.append(f"row {row}: field `{field}` is a list of messages in a file of text records: {ONE_FORM}")
-    elif prompt == []:
-        errors.append(f"row {row}: field `{field}` has no message before its reply to prompt with")
-    elif prompt is not None:
-        return ([{"role": "user", "content": prompt}] if chat and isinstance(prompt, str) else prompt), reference
-    return None
-
-
-def _generation_ids(tokenizer, prompt: str | list[dict], max_tokens: int) -> list[int]:
-    """The ids generation starts from: encode's prompt part before a placeholder reply (a chat prompt ends in the
-    template's generation prompt), with BOS where training puts it."""
-    reply = [{"role": "assistant", "content": "."}] if isinstance(prompt, list) else "."
-    return _split(tokenizer, prompt, reply, max_tokens)[0]
-
-
-def _load_prompts_source(
-    src: SourceConfig, tokenizer, cfg: DataConfig, limit: int
-) -> tuple[list[Prompted], DataReport]:
-    """Read and validate one source's prompts; one DataError lists every bad record and every prompt over `limit`."""
-    errors: list[str] = []
-    rows = _mapped(src, check_columns(src.columns or {}), errors)
-    report = DataReport(file=src.path, format=_prompt_format(*rows[0], src.path, src.format) if rows else "")
-    if report.format in ("chat", "sharegpt") and not tokenizer.chat_template:
-        raise DataError(
-            f"{src.path}: {report.format} records need a chat template and this base's tokenizer has none: "
-            "set data.chat_template (chatml, llama-3, mistral, gemma, alpaca, or a .jinja file)"
-        )
-    if report.format == "alpaca" and not tokenizer.chat_template:
-        _alpaca_template(tokenizer)
-    first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
-    chat = report.format not in ("prompt", "prompt_completion") or isinstance(first.get("prompt"), list)
-    seen: set[bytes] = set()
-    out = []
-    for row, raw in rows:
-        found = _generation_prompt(raw, report.format, chat, row, errors)
-        if found is None:
-            continue
-        report.duplicates += _seen_before(raw, seen)
-        prompt = _with_system(found[0], cfg.system_prompt)
-        try:
-            ids = _generation_ids(tokenizer, prompt, COUNTED * cfg.max_length)
-        except DataError as e:
-            errors.append(f"row {row}: {e}")
-            continue
-        if len(ids) > limit:
-            errors.append(
-                f"row {row}: field `{PROMPT_FIELD.get(report.format, 'prompt')}`: the prompt is "
-                f"{_count(len(ids), cfg.max_length)} tokens, over data.max_length - grpo.max_new_tokens = {limit} "
-                "(shorten it, or raise data.max_length)"
-            )
-            continue
-        out.append(Prompted(row, prompt, found[1], ids))
-    raise_all(src.path, errors)
-    report.records, report.examples = len(rows), len(out)
-    report.tokens = sum(len(p.prompt_ids) for p in out)
-    report.fingerprint = fingerprint_data(src.path)
-    return out, report
-
-
-def load_prompts(
-    source: Source, tokenizer, cfg: DataConfig, max_new_tokens: int = 0
-) -> tuple[list[Prompted], DataReport]:
-    """Read the prompts GRPO generates from, out of SFT records (chat, sharegpt, alpaca, prompt_completion) or
-    {"prompt": ...} alone; each record's last assistant reply (or completion) is kept as its reference.
-
-    Args:
-        source: as `load_pairs`.
-        tokenizer: the base's tokenizer, its chat template already set (data.chat_template).
-        cfg: data.format, data.columns and data.system_prompt apply as for SFT.
-        max_new_tokens: grpo.max_new_tokens: a prompt longer than data.max_length minus these is an error.
-
-    Raises:
-        DataError: listing every bad record, and every prompt too long, with its file, row and field.
-    """
-    limit = cfg.max_length - max_new_tokens
-    if limit <= 0:
-        raise ConfigError(
-            f"data.max_length={cfg.max_length} leaves no room for a prompt before "
-            f"grpo.max_new_tokens={max_new_tokens}: raise data.max_length"
-        )
-    return _each_source(source, cfg, lambda src: _load_prompts_source(src, tokenizer, cfg, limit))
-
-
-# ---------------------------------------------------------------------------------------------
 # As `datasets`, the tokenized columns trl's trainers take
 
 
@@ -598,12 +424,6 @@ def pairs_dataset(pairs: list[Pair]):
 def judged_dataset(items: list[Judged]):
     """A `datasets.Dataset` of prompt_ids, completion_ids, label and row: trl's KTOTrainer takes it as tokenized."""
     return _dataset(items, "prompt_ids", "completion_ids", "label", "row")
-
-
-def prompts_dataset(items: list[Prompted]):
-    """A `datasets.Dataset` of prompt, reference and row: trl's GRPOTrainer renders and samples each prompt itself,
-    and hands `reference` to the reward functions."""
-    return _dataset(items, "prompt", "reference", "row")
 
 
 def _dataset(items: list, *names: str):

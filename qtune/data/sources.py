@@ -9,7 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from qtune.config import DataConfig
+from qtune.config import DataConfig, SourceConfig
 from qtune.data.load import DataReport, load_examples
 from qtune.data.store import Examples, concatenate
 from qtune.errors import DataError
@@ -43,22 +43,24 @@ def load_train(cfg: DataConfig, tokenizer, seed: int) -> tuple[Examples, DataRep
         reports.append(report)
     if not isinstance(cfg.train, list):  # one file: its own fingerprint (data.format and data.columns are compared
         return parts[0], reports[0]  # as config keys on resume)
+    return concatenate(parts), combined_report(reports, sources)
+
+
+def combined_report(reports: list[DataReport], sources: list[SourceConfig]) -> DataReport:
+    """One report over several sources (each read into its report, in order): the counts summed, one fingerprint
+    over every source's data and settings (format, columns, weight, cap), each source's own report under
+    `sources`. SFT's `load_train` and preference data (qtune.data.preference) write theirs with it."""
+    settings = [[r.fingerprint, s.format, s.columns, s.weight, s.cap] for r, s in zip(reports, sources)]
     total = DataReport(
-        file=describe(cfg),
+        file=" + ".join(s.path for s in sources),
         format="+".join(dict.fromkeys(r.format for r in reports)),
-        fingerprint="sha256:"
-        + hashlib.sha256(
-            json.dumps(
-                [[r.fingerprint, s.format, s.columns, s.weight, s.cap] for r, s in zip(reports, sources)],
-                sort_keys=True,
-            ).encode()
-        ).hexdigest(),
+        fingerprint="sha256:" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
     )
     for field in ("records", "examples", "truncated", "duplicates", "tokens", "trained_tokens"):
         setattr(total, field, sum(getattr(r, field) for r in reports))
     total.dropped_no_target = [f"{r.file}:{row}" for r in reports for row in r.dropped_no_target]
     total.sources = [{**dataclasses.asdict(r), "weight": s.weight, "cap": s.cap} for r, s in zip(reports, sources)]
-    return concatenate(parts), total
+    return total
 
 
 def weighted(examples: Examples, cfg: DataConfig, seed: int) -> Examples:
