@@ -9,7 +9,7 @@ VADER := data/downloads/vaderSentiment-3.3.2.tar.gz
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install data demo test bench lint format clean browser
+.PHONY: install data demo demo-dpo demo-grpo test bench lint format clean browser
 
 data: data/.prepared
 
@@ -39,6 +39,13 @@ $(VADER):
 
 demo: install
 	$(PY) -m recipes.demo
+
+# Preference tuning (DPO on the base's own answers) and reinforcement learning with rewards (GRPO), before/after.
+demo-dpo: install
+	$(PY) -m recipes.demo_dpo
+
+demo-grpo: install
+	$(PY) -m recipes.demo_grpo
 
 test: install browser
 	$(PY) -m pytest -q

@@ -225,10 +225,10 @@ def evaluate_preferences(
     model, tokenizer, pairs: list, beta: float, batch_size: int = 16, max_new_tokens: int = 16, label: str = "eval"
 ) -> tuple[dict[str, float], list[dict]]:
     """Preference metrics on held-out pairs, and exact-match accuracy of greedy answers against the chosen answer
-    for the pairs whose chosen answer fits in `max_new_tokens` (short answers: a label, a number); plus the mean
-    answer length in words."""
+    for the prompts whose chosen answer fits in `max_new_tokens` (short answers: a label, a number; each prompt
+    once); plus the mean answer length in words."""
     metrics = preference_metrics(model, pairs, tokenizer.pad_token_id, beta, batch_size)
-    short = [p for p in pairs if len(p.chosen_ids) <= max_new_tokens]
+    short = list({tuple(p.prompt_ids): p for p in pairs if len(p.chosen_ids) <= max_new_tokens}.values())
     if not short:
         return metrics, []
     accuracy, samples = answer_accuracy(model, tokenizer, short, max_new_tokens, batch_size, f"{label}: generate")

@@ -4,9 +4,9 @@ reviews with one word, and show before/after on held-out reviews.
     make demo-dpo        (or: python -m recipes.demo_dpo [key=value ...] to override the config)
 
 1. prepare the embedded model and the VADER movie-review data (as make demo does);
-2. build preference pairs on-policy: the base's own greedy answer to a review is the rejected answer, the correct
-   one-word label the chosen one (reviews it already answers exactly are left out), for training and held-out
-   reviews alike; written to data/vader_movies_dpo/{train,test}.jsonl;
+2. build preference pairs on-policy: for each review the correct one-word label is chosen over the base's own greedy
+   answer (what it says before tuning: a sentence) and over the other label, for training and held-out reviews
+   alike; written to data/vader_movies_dpo/{train,test}.jsonl;
 3. measure the base on the held-out reviews: exact-match accuracy, answer length, and how often it prefers the
    chosen answer of a held-out pair;
 4. train a QLoRA adapter with recipes/dpo.py on recipes/configs/smollm2_sentiment_dpo.yaml (the reference model is
@@ -28,7 +28,8 @@ from .demo import row, vader_data
 
 CONFIG = Path(__file__).parent / "configs" / "smollm2_sentiment_dpo.yaml"
 SOURCE = Path("data/vader_movies")  # the SFT demo's chat data: the reviews and their labels
-TRAIN_REVIEWS = 192  # training reviews the base answers (pairs come from those it gets wrong)
+TRAIN_REVIEWS = 128  # training reviews the base answers (two pairs each)
+HELD_OUT_REVIEWS = 64
 MAX_ANSWER = 16  # tokens of the base's answer kept as the rejected one
 
 
@@ -42,18 +43,21 @@ def _reviews(file: Path, tokenizer, cfg, limit: int):
 
 
 def build_pairs(model, tokenizer, cfg, file: Path, out: Path, limit: int) -> dict:
-    """The base's greedy answers to `limit` reviews of `file` as rejected, their labels as chosen, into `out`."""
+    """Pairs for `limit` reviews of `file`, into `out`: each label chosen over the base's greedy answer (where that
+    is not the label itself) and over the other label."""
     records, examples = _reviews(file, tokenizer, cfg, limit)
     answers = evaluate.generate_ids(
         model, tokenizer, [e.prompt_ids for e in examples], MAX_ANSWER, cfg.eval.batch_size, f"base answers {file.name}"
     )
+    labels = sorted({r["messages"][-1]["content"] for r in records})
     pairs = []
     for record, answer in zip(records, answers):
         label = record["messages"][-1]["content"]
-        if evaluate.normalize_answer(answer) == evaluate.normalize_answer(label) or not answer.strip():
-            continue  # already right (or silent): no preference to learn from it
         prompt = [{"role": "system", "content": cfg.data.system_prompt}, *record["messages"][:-1]]
-        pairs.append({"prompt": prompt, "chosen": label, "rejected": answer.strip()})
+        # The label over the base's own answer (the format: one word), and over the other label (the judgement).
+        if answer.strip() and evaluate.normalize_answer(answer) != evaluate.normalize_answer(label):
+            pairs.append({"prompt": prompt, "chosen": label, "rejected": answer.strip()})
+        pairs += [{"prompt": prompt, "chosen": label, "rejected": other} for other in labels if other != label]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return {"reviews": len(records), "pairs": len(pairs)}
@@ -83,14 +87,14 @@ def main(overrides: list[str]) -> None:
     train_file, test_file = Path(cfg.data.train), Path(cfg.data.eval)
     sizes = {
         "train": build_pairs(base, tokenizer, cfg, SOURCE / "train.jsonl", train_file, TRAIN_REVIEWS),
-        "held-out": build_pairs(base, tokenizer, cfg, SOURCE / "test.jsonl", test_file, cfg.eval.limit or 400),
+        "held-out": build_pairs(base, tokenizer, cfg, SOURCE / "test.jsonl", test_file, HELD_OUT_REVIEWS),
     }
     for split, n in sizes.items():
-        print(f"{split}: {n['pairs']} pairs from {n['reviews']} reviews (the others the base already answers right)")
+        print(f"{split}: {n['pairs']} pairs from {n['reviews']} reviews")
     timings["build pairs (base answers)"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    _, held_out = _reviews(SOURCE / "test.jsonl", tokenizer, cfg, cfg.eval.limit or 400)
+    _, held_out = _reviews(SOURCE / "test.jsonl", tokenizer, cfg, HELD_OUT_REVIEWS)
     held_pairs, _ = data.load_pairs(str(test_file), tokenizer, cfg.data)
     before = measure(base, tokenizer, cfg, held_out, held_pairs)
     del base

@@ -10,8 +10,8 @@ Copy it to change what it does:  qtune cp dpo my_dpo.py
 Steps: resolve the base -> read and tokenize the pairs (every bad record is reported: missing or identical
 chosen/rejected, a prompt that leaves no room for the answer) -> load the base quantized -> fresh LoRA, or
 lora.from_adapter's -> train with trl's DPOTrainer (KTOTrainer for dpo.loss=kto) -> held-out preference metrics ->
-write adapters/<name>/ atomically. The reference model is the base with the adapter switched off (or a frozen copy
-of lora.from_adapter's LoRA weights): never a second copy of the base in memory.
+write adapters/<name>/ atomically. The reference model is the same model under a frozen copy of the starting LoRA
+weights (the base itself for a fresh adapter; lora.from_adapter's otherwise): never a second copy of the base.
 """
 
 from __future__ import annotations

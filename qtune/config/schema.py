@@ -45,7 +45,7 @@ class LoraConfig:
     from_adapter: str | None = _help(
         "Start from this trained adapter folder (of the same base) instead of fresh LoRA weights; its own r, alpha "
         "and targets are used. DPO/KTO/GRPO: the reference is this adapter as it was (a frozen copy of its LoRA "
-        "weights, never a second base); without it, the base with the adapter switched off.",
+        "weights, never a second base); without it, the base itself.",
         None,
     )
 

@@ -267,8 +267,9 @@ def _preference_args(cfg: RunConfig, work_dir: Path, evaluate: bool) -> dict:
         pad_to_multiple_of=cfg.train.pad_to_multiple_of or None,
         dataset_num_proc=None,
         beta=cfg.dpo.beta,
-        # The reference is the same model with its adapter off (or a frozen copy of lora.from_adapter's LoRA
-        # weights), computed with each batch: never a second copy of the base.
+        # The reference is the same model under a frozen copy of its starting LoRA weights (trl's "ref" adapter:
+        # the base itself for a fresh adapter, whose B matrices are zero), computed with each batch: never a
+        # second copy of the base.
         precompute_ref_log_probs=False,
     )
 
@@ -344,8 +345,8 @@ def build_dpo_trainer(
 ):
     """A DPOTrainer (or KTOTrainer, dpo.loss=kto) over pre-tokenized preference data (qtune.data.pairs_dataset /
     judged_dataset), with checkpoints and the non-finite guard. `model` is the PeftModel being trained: the
-    reference is the same model with its adapter off (a fresh adapter), or a frozen copy of its starting LoRA
-    weights (lora.from_adapter), never a second copy of the base."""
+    reference is the same model under a frozen copy of its starting LoRA weights (the base itself for a fresh
+    adapter; lora.from_adapter's weights), never a second copy of the base."""
     from trl import DPOTrainer, KTOTrainer
 
     if cfg.dpo.loss == "kto":
@@ -373,7 +374,7 @@ def build_dpo_trainer(
 
 def build_grpo_trainer(model, tokenizer, train_dataset, reward_funcs: list, cfg: RunConfig, checkpoints: Path):
     """A GRPOTrainer over (prompt, reference, row) data (qtune.data.prompts_dataset), scoring each group of
-    sampled completions with `reward_funcs`; with grpo.beta > 0 the reference is the model with its adapter off."""
+    sampled completions with `reward_funcs`; with grpo.beta > 0 the reference is the model under a frozen copy of its starting LoRA weights."""
     from trl import GRPOTrainer
 
     class QtuneGRPOTrainer(_GuardedSteps, GRPOTrainer):
