@@ -135,6 +135,22 @@ TRAIN = _cases(
         ("output-dir-is-a-file", ["<run.yaml>", "output.dir=<out-file>"]),
         *((f"data-{d.strip('<>')}", ["<run.yaml>", f"data.train={d}"]) for d in DATA_CORPUS),
         ("data-surrogate", ["<run.yaml>", "data.train=<surrogate.jsonl>"]),
+        ("dpo-on-sft-data", ["<run.yaml>", "recipe=dpo"]),
+        ("dpo-beta-zero", ["<run.yaml>", "recipe=dpo", "dpo.beta=0"]),
+        ("dpo-unknown-loss", ["<run.yaml>", "recipe=dpo", "dpo.loss=nope"]),
+        ("grpo-reward-not-a-path", ["<run.yaml>", "recipe=grpo", "grpo.rewards=exact_answer"]),
+        ("grpo-reward-missing-module", ["<run.yaml>", "recipe=grpo", "grpo.rewards=nowhere_at_all:f"]),
+        ("grpo-reward-missing-file", ["<run.yaml>", "recipe=grpo", "grpo.rewards=<missing>:f"]),
+        ("grpo-reward-binary-file", ["<run.yaml>", "recipe=grpo", "grpo.rewards=<binary.py>:f"]),
+        ("grpo-group-of-one", ["<run.yaml>", "recipe=grpo", "grpo.group_size=1"]),
+        ("from-adapter-missing", ["<run.yaml>", "lora.from_adapter=<missing>"]),
+        ("from-adapter-dir", ["<run.yaml>", "lora.from_adapter=<dir>"]),
+        ("from-adapter-classifier", ["<run.yaml>", "lora.from_adapter=<classifier>"]),
+        *(
+            (f"from-adapter-{h}", ["<run.yaml>", f"lora.from_adapter=<adapter:{h}>"])
+            for h in ADAPTER_HARMS
+            if "meta" in h or "weights" in h or "config" in h
+        ),
         ("show-config-unknown-key", ["<run.yaml>", "train.lrr=1", "--show-config"]),
         ("show-config-config-missing", ["<missing>", "--show-config"]),
     ],

@@ -6,7 +6,6 @@ a killed DPO run resumes to the uninterrupted run's adapter, bit for bit."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import signal
@@ -37,7 +36,10 @@ PAIRS = [
     {"prompt": [{"role": "user", "content": r}], "chosen": label, "rejected": "the movie was great and the acting"}
     for r, label in zip(REVIEWS, LABELS)
 ]
-PROMPTS = [{"messages": [{"role": "user", "content": r}, {"role": "assistant", "content": label}]} for r, label in zip(REVIEWS, LABELS)]
+PROMPTS = [
+    {"messages": [{"role": "user", "content": r}, {"role": "assistant", "content": label}]}
+    for r, label in zip(REVIEWS, LABELS)
+]
 
 
 @pytest.fixture()
@@ -187,8 +189,20 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter_bitwise(run_args, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_dpo_adapter_goes_through_generate_eval_merge_export_and_push(run_args, tmp_path, capsys):
+def test_a_dpo_adapter_goes_through_generate_eval_merge_export_serve_and_push(run_args, tmp_path, capsys):
+    import openai
+
+    from qtune.serve import ServerThread, create_app
+    from qtune.serve.pool import AdapterPool
+
     out = str(dpo.main(dpo_config(run_args, tmp_path, "output.name=dpo")))
+    pool = AdapterPool(lora.read_meta(out)["base"]["path"], quant="none")
+    pool.add_folder(tmp_path / "adapters")
+    with ServerThread(create_app(pool)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert "dpo" in [m.id for m in client.models.list().data]
+        reply = client.chat.completions.create(model="dpo", messages=PAIRS[0]["prompt"], max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
     cli_main(["generate", out, "--prompt", REVIEWS[0], "--max-new-tokens", "4"])
     cli_main(["eval", out, "--data", str(tmp_path / "prompts.jsonl")])
     cli_main(["merge", out, str(tmp_path / "merged"), "--dtype", "fp32"])

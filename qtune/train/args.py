@@ -374,7 +374,8 @@ def build_dpo_trainer(
 
 def build_grpo_trainer(model, tokenizer, train_dataset, reward_funcs: list, cfg: RunConfig, checkpoints: Path):
     """A GRPOTrainer over (prompt, reference, row) data (qtune.data.prompts_dataset), scoring each group of
-    sampled completions with `reward_funcs`; with grpo.beta > 0 the reference is the model under a frozen copy of its starting LoRA weights."""
+    sampled completions with `reward_funcs`; with grpo.beta > 0 the reference is the model under a frozen copy of
+    its starting LoRA weights."""
     from trl import GRPOTrainer
 
     class QtuneGRPOTrainer(_GuardedSteps, GRPOTrainer):
