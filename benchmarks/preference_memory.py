@@ -84,8 +84,10 @@ def main() -> None:
             measured = json.loads(stdout.strip().splitlines()[-1])
             measured.update(rep=rep, peak_rss_bytes=usage.ru_maxrss * 1024)
             results.append(measured)
-            print(f"rep {rep} {arm}: peak RSS {measured['peak_rss_bytes'] / 2**20:.0f} MiB, "
-                  f"{measured['seconds_per_step']:.2f} s/step")
+            print(
+                f"rep {rep} {arm}: peak RSS {measured['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                f"{measured['seconds_per_step']:.2f} s/step"
+            )
 
     def median(arm: str, key: str) -> float:
         return statistics.median(r[key] for r in results if r["arm"] == arm)
