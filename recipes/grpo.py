@@ -28,11 +28,11 @@ def main(cfg: RunConfig) -> Path:
     # 1. The run (output folder checked, seed, base and tokenizer); the reward functions, tried on a few records.
     run = train.start(cfg)
     tokenizer = run.tokenizer
+    reward_funcs = [rewards.load_reward(path) for path in cfg.grpo.rewards]  # a path that does not import: now
     # Prompts (any SFT format; a record's answer is the rewards' `reference`), each with room for its answer.
     load = partial(data.load_prompts, tokenizer=tokenizer, cfg=cfg.data, max_new_tokens=cfg.grpo.max_new_tokens)
     train_items, train_report = load(cfg.data.train)
     print(f"train data: {train_report.summary()}")
-    reward_funcs = [rewards.load_reward(path) for path in cfg.grpo.rewards]
     first = train_items[:4]
     rewards.check_rewards(cfg.grpo.rewards, reward_funcs, [p.prompt for p in first], [p.reference for p in first])
     train_items, eval_items, eval_report = run.held_out(train_items, load)
