@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from qtune.data import IGNORE, DataError, Example
 from qtune.data.read import lone_surrogate
+from qtune.rewards import as_completion
 
 
 def _device(model) -> torch.device:
@@ -244,9 +245,7 @@ def evaluate_rewards(
     outputs = generate_ids(
         model, tokenizer, [p.prompt_ids for p in prompts], grpo.max_new_tokens, batch_size, f"{label}: generate"
     )
-    completions = [
-        [{"role": "assistant", "content": o}] if isinstance(p.prompt, list) else o for p, o in zip(prompts, outputs)
-    ]
+    completions = [as_completion(p.prompt, o) for p, o in zip(prompts, outputs)]
     ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
     references = [p.reference for p in prompts]
     weights = grpo.reward_weights or [1.0] * len(reward_funcs)

@@ -56,7 +56,7 @@ def _import(module_name: str):
 def check_rewards(paths: list[str], functions: list[Callable], prompts: list, references: list) -> None:
     """Call each reward on a few records, each record's reference given as its completion: one number (or None)
     per completion, or a ConfigError naming the function."""
-    completions = [_as_completion(p, r) for p, r in zip(prompts, references)]
+    completions = [as_completion(p, r) for p, r in zip(prompts, references)]
     for path, fn in zip(paths, functions):
         try:
             values = fn(
@@ -77,7 +77,7 @@ def check_rewards(paths: list[str], functions: list[Callable], prompts: list, re
                 raise ConfigError(f"grpo.rewards: {path} returned {v!r}: each reward must be a finite number or None")
 
 
-def _as_completion(prompt, reference):
-    """A completion shaped like the ones generation will give: text, or one assistant message for chat prompts."""
-    text = reference or ""
+def as_completion(prompt, text: str | None):
+    """A completion shaped as trl hands it to reward functions: text, or one assistant message for chat prompts."""
+    text = text or ""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
